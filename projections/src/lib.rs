@@ -1,0 +1,50 @@
+//! Projectors: the runtime that turns the JetStream fan-out into exact Postgres read models, the
+//! read models themselves, and their dead letters (DESIGN.md invariant 5).
+//!
+//! * [`run`] runs the `conversations` and `api_keys` projectors over every partition: one durable pull consumer
+//!   per (projector, partition), one owner per partition (advisory lock), one Postgres transaction
+//!   per batch that updates the rows and the partition's checkpoint, acks after commit.
+//! * [`PartitionWorker::process_batch`] is that loop's single step, for tests and tools.
+//! * Exactness does not depend on JetStream: events at or below the checkpoint are skipped, and a
+//!   break in the `Nura-Prev` chain is filled from Postgres ([`nura_store::EventStore::read_partition`]).
+//! * A poison event goes to `read.dead_letters` after `max_attempts`; later events of its stream
+//!   are parked behind it; [`admin_router`] lists and retries them.
+//!
+//! Limits: ordering is per partition, so one slow partition does not hold the others back but a
+//! poison event holds back nothing except its own stream. Read models are only as fresh as the
+//! relay; [`has_passed`] is how readers wait for their own writes.
+
+pub mod api_keys;
+pub mod conversations;
+mod dead_letters;
+mod projection;
+mod runtime;
+
+pub use dead_letters::{DeadLetter, RetryError, RetryOutcome, admin_router, retry_dead_letter};
+pub use projection::{ApplyError, FoldError, Projection, fold, projection_named};
+pub use runtime::{
+    BatchOutcome, PartitionWorker, ProjectorConfig, WorkerError, run, run_projection,
+};
+
+use nura_store::CommitToken;
+
+/// Read-your-writes: true once `projector`'s checkpoint for `token.partition` is at or beyond
+/// `token.position`, i.e. the read model already reflects the event behind the token. False when
+/// the projector has never checkpointed that partition.
+pub async fn has_passed(
+    pool: &sqlx::PgPool,
+    projector: &str,
+    token: CommitToken,
+) -> Result<bool, sqlx::Error> {
+    let passed: Option<bool> = sqlx::query_scalar(
+        "SELECT (transaction_id, global_position) >= ($3, $4) FROM read.checkpoints \
+         WHERE projector = $1 AND partition = $2",
+    )
+    .bind(projector)
+    .bind(token.partition)
+    .bind(token.position.tx)
+    .bind(token.position.pos)
+    .fetch_optional(pool)
+    .await?;
+    Ok(passed.unwrap_or(false))
+}

@@ -1,0 +1,675 @@
+//! The projector runtime: per-partition pull consumers, ownership, and the batch step.
+
+use crate::api_keys::ApiKeys;
+use crate::conversations::Conversations;
+use crate::dead_letters;
+use crate::projection::Projection;
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use nura_nats::{Delivered, Topology};
+use nura_store::{EventStore, Position, RecordedEvent, StoreError};
+use sqlx::{Connection, PgConnection, Row};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How long an instance that did not get a partition waits before trying again.
+const STANDBY_RETRY: Duration = Duration::from_secs(2);
+/// How often an owner checks that its lock connection (hence its ownership) is still alive.
+const OWNERSHIP_CHECK: Duration = Duration::from_secs(5);
+/// How often an idle worker checks that its consumer still exists (the stream may have been
+/// deleted and recreated, which silently orphans a consumer handle).
+const CONSUMER_CHECK: Duration = Duration::from_secs(10);
+
+/// Tuning of a projector. `Default` gives production values.
+#[derive(Debug, Clone)]
+pub struct ProjectorConfig {
+    /// Most messages fetched and applied in one transaction (256).
+    pub batch_size: usize,
+    /// Deliveries of a failing event before it becomes a dead letter (5).
+    pub max_attempts: u32,
+    /// Backoff before the second attempt; doubles per attempt (500 ms).
+    pub backoff_base: Duration,
+    /// Longest backoff (30 s).
+    pub backoff_max: Duration,
+    /// JetStream redelivers a message not acked within this (30 s).
+    pub ack_wait: Duration,
+    /// How long a fetch waits for messages when the partition is idle (1 s).
+    pub idle_fetch_wait: Duration,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        ProjectorConfig {
+            batch_size: 256,
+            max_attempts: 5,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(30),
+            idle_fetch_wait: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ProjectorConfig {
+    /// The delay before delivery `attempt + 1`: `base * 2^(attempt-1)`, capped at `backoff_max`,
+    /// minus up to a quarter of jitter so failing messages of many partitions do not return in
+    /// lockstep.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(20);
+        let raw = self.backoff_base.saturating_mul(1u32 << exp);
+        let capped = raw.min(self.backoff_max);
+        // Jitter from a random UUID: no extra dependency for one number.
+        let r = uuid::Uuid::new_v4().as_u128() as u16;
+        let jitter = capped.mul_f64(f64::from(r) / f64::from(u16::MAX) / 4.0);
+        capped.saturating_sub(jitter)
+    }
+}
+
+/// Why a batch step failed. Nothing was committed for the messages of a failed step; they are
+/// redelivered.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// JetStream failed (unreachable, stream or consumer gone).
+    #[error("jetstream: {0}")]
+    Nats(String),
+    /// Postgres failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Reading the event store failed.
+    #[error("event store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// What one batch step did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Messages fetched.
+    pub fetched: usize,
+    /// Events applied to the read model (including events loaded to fill holes).
+    pub applied: usize,
+    /// Messages at or below the checkpoint (redeliveries, duplicates, already filled).
+    pub skipped: usize,
+    /// Events loaded from Postgres because JetStream did not deliver them in chain order.
+    pub holes_filled: usize,
+    /// Events that exhausted their attempts and became dead letters.
+    pub dead_lettered: usize,
+    /// Events parked behind an open dead letter of their stream.
+    pub parked: usize,
+    /// Messages negatively acknowledged (a failing event and the rest of its batch).
+    pub nacked: usize,
+    /// Messages that could not be decoded or name no event of the store (terminated; a real
+    /// event among them is refilled from Postgres through the chain).
+    pub undecodable: usize,
+}
+
+/// One projector on one partition: its durable consumer and the batch step. Ownership (which
+/// instance runs it) is decided outside, by [`run_projection`]; the step itself is safe to run
+/// from several instances at once, because the checkpoint row lock serializes their
+/// transactions and everything at or below the checkpoint is skipped.
+pub struct PartitionWorker {
+    store: EventStore,
+    js: jetstream::Context,
+    topology: Topology,
+    config: ProjectorConfig,
+    projection: Arc<dyn Projection>,
+    partition: i32,
+    consumer: Option<PullConsumer>,
+    consumer_checked: Instant,
+}
+
+impl PartitionWorker {
+    /// A worker for `projection` on `partition`; the consumer is created on the first step.
+    pub fn new(
+        store: EventStore,
+        js: jetstream::Context,
+        topology: Topology,
+        config: ProjectorConfig,
+        projection: Arc<dyn Projection>,
+        partition: i32,
+    ) -> Self {
+        PartitionWorker {
+            store,
+            js,
+            topology,
+            config,
+            projection,
+            partition,
+            consumer: None,
+            consumer_checked: Instant::now(),
+        }
+    }
+
+    /// The durable consumer's name: `<projector>_p<partition>`.
+    pub fn consumer_name(&self) -> String {
+        format!("{}_p{}", self.projection.name(), self.partition)
+    }
+
+    /// The partition this worker projects.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// Gets or creates the stream and this worker's durable consumer.
+    pub async fn consumer(&mut self) -> Result<PullConsumer, WorkerError> {
+        if let Some(c) = &self.consumer {
+            return Ok(c.clone());
+        }
+        let stream = self
+            .topology
+            .ensure_stream(&self.js)
+            .await
+            .map_err(|e| WorkerError::Nats(format!("ensure stream: {e:#}")))?;
+        let name = self.consumer_name();
+        let consumer: PullConsumer = stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    deliver_policy: DeliverPolicy::All,
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: self.config.ack_wait,
+                    // Unlimited: the runtime counts attempts itself and dead-letters.
+                    max_deliver: -1,
+                    filter_subject: self.topology.partition_filter(self.partition),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| WorkerError::Nats(format!("consumer {name}: {e}")))?;
+        self.consumer = Some(consumer.clone());
+        self.consumer_checked = Instant::now();
+        Ok(consumer)
+    }
+
+    /// One step: fetch up to `batch_size` messages (waiting up to `idle_fetch_wait`), apply them
+    /// in one transaction with the checkpoint, commit, then ack. See the crate docs for the
+    /// skip / hole-fill / dead-letter rules.
+    pub async fn process_batch(&mut self) -> Result<BatchOutcome, WorkerError> {
+        let consumer = self.consumer().await?;
+        let fetched = consumer
+            .fetch()
+            .max_messages(self.config.batch_size)
+            .expires(self.config.idle_fetch_wait)
+            .messages()
+            .await;
+        let mut batch = match fetched {
+            Ok(b) => b,
+            Err(e) => {
+                self.consumer = None;
+                return Err(WorkerError::Nats(format!("fetch: {e}")));
+            }
+        };
+        let mut msgs = Vec::new();
+        while let Some(m) = batch.next().await {
+            match m {
+                Ok(m) => msgs.push(m),
+                Err(e) => {
+                    // Process what arrived; the consumer is re-fetched next step.
+                    tracing::warn!(partition = self.partition, error = %e, "fetch interrupted");
+                    self.consumer = None;
+                    break;
+                }
+            }
+        }
+        if msgs.is_empty() {
+            self.check_consumer().await;
+            return Ok(BatchOutcome::default());
+        }
+        let started = Instant::now();
+        // Most batches apply cleanly: try without a savepoint per event (two round trips fewer
+        // each), and only when an event fails redo the batch carefully, event by event.
+        let result = match self.apply_batch(&msgs, false).await {
+            Ok(None) => self.apply_batch(&msgs, true).await,
+            other => other,
+        }
+        .and_then(|o| o.ok_or_else(|| WorkerError::Nats("careful batch gave up".into())));
+        let labels = [
+            ("projector", self.projection.name().to_string()),
+            ("partition", self.partition.to_string()),
+        ];
+        metrics::histogram!("nura_projector_batch_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
+        if let Some(pending) = msgs.last().and_then(|m| m.info().ok()).map(|i| i.pending) {
+            metrics::gauge!("nura_projector_pending_messages", &labels).set(pending as f64);
+        }
+        match result {
+            Ok(outcome) => {
+                metrics::counter!("nura_projector_applied_total", &labels)
+                    .increment((outcome.applied) as u64);
+                metrics::counter!("nura_projector_skipped_total", &labels)
+                    .increment(outcome.skipped as u64);
+                metrics::counter!("nura_projector_holes_filled_total", &labels)
+                    .increment(outcome.holes_filled as u64);
+                Ok(outcome)
+            }
+            Err(e) => {
+                // Nothing was committed: bring the batch back soon rather than after ack_wait.
+                let delay = self.config.backoff(1);
+                for m in &msgs {
+                    let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn check_consumer(&mut self) {
+        if self.consumer_checked.elapsed() < CONSUMER_CHECK {
+            return;
+        }
+        self.consumer_checked = Instant::now();
+        let name = self.consumer_name();
+        let exists = match self.js.get_stream_no_info(&self.topology.stream).await {
+            Ok(s) => s.consumer_info(&name).await.is_ok(),
+            Err(_) => false,
+        };
+        if !exists {
+            tracing::warn!(consumer = %name, "consumer or stream vanished; recreating");
+            self.consumer = None;
+        }
+    }
+
+    /// Applies a batch in one transaction. Without `careful`, events are applied without
+    /// savepoints and the first failure abandons the transaction (`Ok(None)`); with `careful`,
+    /// each event runs in a savepoint so a failing one is retried later or dead-lettered alone.
+    async fn apply_batch(
+        &mut self,
+        msgs: &[jetstream::Message],
+        careful: bool,
+    ) -> Result<Option<BatchOutcome>, WorkerError> {
+        let name = self.projection.name();
+        let decoded: Vec<Result<Delivered, String>> = msgs
+            .iter()
+            .map(|m| {
+                nura_nats::decode(m.headers.as_ref(), &m.payload).and_then(|d| {
+                    if d.event.partition == self.partition {
+                        Ok(d)
+                    } else {
+                        Err(format!(
+                            "event of partition {} on our subject",
+                            d.event.partition
+                        ))
+                    }
+                })
+            })
+            .collect();
+        let mut outcome = BatchOutcome {
+            fetched: msgs.len(),
+            ..Default::default()
+        };
+        let mut tx = self.store.pool().begin().await?;
+        let start = lock_checkpoint(&mut tx, name, self.partition).await?;
+        let mut checkpoint = start;
+        let mut parked = dead_letters::open_streams(&mut tx, name, self.partition).await?;
+        // Index of the first message to nak (a failing event with attempts left), and its delay.
+        let mut stop: Option<(usize, Duration)> = None;
+        let mut foreign = vec![false; msgs.len()];
+        'messages: for (i, (msg, d)) in msgs.iter().zip(&decoded).enumerate() {
+            let d = match d {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(partition = self.partition, error = %e, "undecodable message terminated");
+                    outcome.undecodable += 1;
+                    continue;
+                }
+            };
+            let position = d.event.position();
+            if position <= checkpoint {
+                outcome.skipped += 1;
+                continue;
+            }
+            let events = if d.prev.unwrap_or(Position::ZERO) == checkpoint {
+                vec![d.event.clone()]
+            } else {
+                match self.fill_hole(checkpoint, &d.event).await? {
+                    Some(events) => events,
+                    None => {
+                        // Not an event of our log (another database publishing on our subjects?):
+                        // nothing to apply or dead-letter; terminate it so it cannot stall us.
+                        tracing::error!(
+                            partition = self.partition, event_id = %d.event.event_id,
+                            "message names an event that is not in the event store; terminated"
+                        );
+                        foreign[i] = true;
+                        outcome.undecodable += 1;
+                        continue;
+                    }
+                }
+            };
+            outcome.holes_filled += events.len() - 1;
+            let attempts = msg.info().map(|i| i.delivered).unwrap_or(1).max(1);
+            for event in &events {
+                if let Some(first) = parked.get(&event.stream_id) {
+                    let why = format!("parked behind dead letter {first}");
+                    dead_letters::record(&mut tx, name, event, &why, 0).await?;
+                    tracing::warn!(event_id = %event.event_id, stream_id = %event.stream_id, "{why}");
+                    outcome.parked += 1;
+                    checkpoint = event.position();
+                    continue;
+                }
+                if careful {
+                    sqlx::query("SAVEPOINT apply").execute(&mut *tx).await?;
+                }
+                match self.projection.apply(&mut tx, event).await {
+                    Ok(()) => {
+                        if careful {
+                            sqlx::query("RELEASE SAVEPOINT apply")
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        outcome.applied += 1;
+                        checkpoint = event.position();
+                    }
+                    Err(_) if !careful => {
+                        // The transaction is dropped (rolled back); the caller retries carefully.
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        sqlx::query("ROLLBACK TO SAVEPOINT apply")
+                            .execute(&mut *tx)
+                            .await?;
+                        if attempts < i64::from(self.config.max_attempts) {
+                            let delay = self.config.backoff(attempts as u32);
+                            tracing::warn!(
+                                projector = name, event_id = %event.event_id, attempts,
+                                error = %e, retry_in = ?delay, "apply failed; will retry"
+                            );
+                            stop = Some((i, delay));
+                            break 'messages;
+                        }
+                        let error = e.to_string();
+                        let id =
+                            dead_letters::record(&mut tx, name, event, &error, attempts as i32)
+                                .await?;
+                        tracing::error!(
+                            projector = name, dead_letter = id, event_id = %event.event_id,
+                            stream_id = %event.stream_id, attempts, %error,
+                            "event dead-lettered after its attempts; its stream is parked"
+                        );
+                        metrics::counter!("nura_projector_dead_letters_total", "projector" => name)
+                            .increment(1);
+                        parked.insert(event.stream_id.clone(), id);
+                        outcome.dead_lettered += 1;
+                        checkpoint = event.position();
+                    }
+                }
+            }
+        }
+        if checkpoint != start {
+            sqlx::query(
+                "UPDATE read.checkpoints SET transaction_id = $3, global_position = $4, updated_at = now() \
+                 WHERE projector = $1 AND partition = $2",
+            )
+            .bind(name)
+            .bind(self.partition)
+            .bind(checkpoint.tx)
+            .bind(checkpoint.pos)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        // Acks only after the commit: a crash in between means redelivery, which is skipped.
+        for (i, (msg, d)) in msgs.iter().zip(&decoded).enumerate() {
+            let kind = match stop {
+                Some((s, delay)) if i >= s => {
+                    outcome.nacked += 1;
+                    AckKind::Nak(Some(delay))
+                }
+                _ if d.is_err() || foreign[i] => AckKind::Term,
+                _ => AckKind::Ack,
+            };
+            if let Err(e) = msg.ack_with(kind).await {
+                tracing::warn!(partition = self.partition, error = %e, "ack failed; the message will be redelivered and skipped");
+            }
+        }
+        Ok(Some(outcome))
+    }
+
+    /// Loads the partition's events in `(checkpoint, event]` from Postgres: JetStream lost or
+    /// reordered the ones between. `event` was published by a log reader, so everything before
+    /// it in the partition is committed and final. `None` when `event` is not in the store.
+    async fn fill_hole(
+        &self,
+        checkpoint: Position,
+        event: &RecordedEvent,
+    ) -> Result<Option<Vec<RecordedEvent>>, WorkerError> {
+        let events = self
+            .store
+            .read_partition(self.partition, checkpoint, event.position())
+            .await?;
+        if events.last().map(|e| e.event_id) != Some(event.event_id) {
+            return Ok(None);
+        }
+        if events.len() > 1 {
+            tracing::info!(
+                projector = self.projection.name(),
+                partition = self.partition,
+                from = %checkpoint,
+                to = %event.position(),
+                filled = events.len() - 1,
+                "filled a hole in the JetStream chain from Postgres"
+            );
+        }
+        Ok(Some(events))
+    }
+}
+
+/// Locks (creating it if needed) the checkpoint row of `(projector, partition)` for the rest of
+/// the transaction and returns it. Every writer of that partition's read-model rows takes this
+/// lock first, so a stale owner waits and then sees the newer checkpoint.
+pub(crate) async fn lock_checkpoint(
+    conn: &mut PgConnection,
+    projector: &str,
+    partition: i32,
+) -> Result<Position, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO read.checkpoints (projector, partition) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(projector)
+    .bind(partition)
+    .execute(&mut *conn)
+    .await?;
+    let row = sqlx::query(
+        "SELECT transaction_id, global_position FROM read.checkpoints \
+         WHERE projector = $1 AND partition = $2 FOR UPDATE",
+    )
+    .bind(projector)
+    .bind(partition)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Position {
+        tx: row.get(0),
+        pos: row.get(1),
+    })
+}
+
+/// Runs every registered projector — `conversations` (read.conversations + read.messages) and
+/// `api_keys` (read.api_keys) — over all partitions until `shutdown` is cancelled. Several
+/// instances may run at once: each (projector, partition) is owned by one of them at a time (the
+/// others stand by). If one projector fails, the other is stopped too and the error returned.
+pub async fn run(
+    store: EventStore,
+    js: jetstream::Context,
+    topology: Topology,
+    config: ProjectorConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let local = shutdown.child_token();
+    let projections: [Arc<dyn Projection>; 2] = [Arc::new(Conversations), Arc::new(ApiKeys)];
+    let runs = projections.into_iter().map(|projection| {
+        let (store, js, topology, config, local) = (
+            store.clone(),
+            js.clone(),
+            topology.clone(),
+            config.clone(),
+            local.clone(),
+        );
+        async move {
+            let result =
+                run_projection(store, js, topology, config, projection, local.clone()).await;
+            if result.is_err() {
+                local.cancel();
+            }
+            result
+        }
+    });
+    futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<()>>>()
+        .map(drop)
+}
+
+/// Runs any projection over all partitions until `shutdown` is cancelled (see [`run`]).
+/// Returns an error if a partition task panicked (the other tasks are stopped first).
+pub async fn run_projection(
+    store: EventStore,
+    js: jetstream::Context,
+    topology: Topology,
+    config: ProjectorConfig,
+    projection: Arc<dyn Projection>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let local = shutdown.child_token();
+    let mut tasks = JoinSet::new();
+    for partition in 0..store.partitions() {
+        let worker = PartitionWorker::new(
+            store.clone(),
+            js.clone(),
+            topology.clone(),
+            config.clone(),
+            projection.clone(),
+            partition,
+        );
+        tasks.spawn(own_and_run(
+            worker,
+            store.clone(),
+            config.clone(),
+            local.clone(),
+        ));
+    }
+    tracing::info!(
+        projector = projection.name(),
+        partitions = store.partitions(),
+        "projector started"
+    );
+    let mut failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(projector = projection.name(), error = %e, "partition task died; stopping the projector");
+            local.cancel();
+            failure.get_or_insert(e);
+        }
+    }
+    tracing::info!(projector = projection.name(), "projector stopped");
+    match failure {
+        Some(e) => Err(e).context("a partition task of the projector died"),
+        None => Ok(()),
+    }
+}
+
+/// Stands by until this instance owns the partition, then runs batch steps while it does.
+async fn own_and_run(
+    mut worker: PartitionWorker,
+    store: EventStore,
+    config: ProjectorConfig,
+    shutdown: CancellationToken,
+) {
+    let name = worker.projection.name();
+    let partition = worker.partition;
+    let lock_key = format!("nura-projector:{name}");
+    while !shutdown.is_cancelled() {
+        let mut lock = match take_ownership(&store, &lock_key, partition).await {
+            Ok(Some(conn)) => conn,
+            Ok(None) => {
+                sleep_or_cancel(STANDBY_RETRY, &shutdown).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(projector = name, partition, error = %e, "cannot try for ownership");
+                sleep_or_cancel(STANDBY_RETRY, &shutdown).await;
+                continue;
+            }
+        };
+        tracing::info!(projector = name, partition, "partition ownership gained");
+        metrics::gauge!("nura_projector_owned_partitions", "projector" => name).increment(1.0);
+        let mut checked = Instant::now();
+        while !shutdown.is_cancelled() {
+            if checked.elapsed() >= OWNERSHIP_CHECK {
+                checked = Instant::now();
+                if let Err(e) = lock.ping().await {
+                    tracing::warn!(projector = name, partition, error = %e, "partition ownership lost");
+                    break;
+                }
+            }
+            match worker.process_batch().await {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(projector = name, partition, error = %e, "batch failed; retrying");
+                    sleep_or_cancel(config.backoff(1), &shutdown).await;
+                }
+            }
+        }
+        metrics::gauge!("nura_projector_owned_partitions", "projector" => name).decrement(1.0);
+        // Closing the session releases the advisory lock.
+        let _ = lock.close().await;
+    }
+}
+
+/// Tries the partition's advisory lock on a connection of its own (the lock lives as long as
+/// that session). `None`: another instance owns it.
+async fn take_ownership(
+    store: &EventStore,
+    key: &str,
+    partition: i32,
+) -> Result<Option<PgConnection>, sqlx::Error> {
+    let options = store.pool().connect_options();
+    let mut conn = PgConnection::connect_with(&options).await?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1), $2)")
+        .bind(key)
+        .bind(partition)
+        .fetch_one(&mut conn)
+        .await?;
+    if got {
+        Ok(Some(conn))
+    } else {
+        let _ = conn.close().await;
+        Ok(None)
+    }
+}
+
+async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_per_attempt_with_jitter_and_is_capped() {
+        let c = ProjectorConfig {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(1000),
+            ..Default::default()
+        };
+        for (attempt, full) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1000),
+            (40, 1000),
+        ] {
+            let d = c.backoff(attempt).as_millis() as u64;
+            assert!(d <= full && d >= full * 3 / 4, "attempt {attempt}: {d} ms");
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The `api_keys` projection: applied by the real runtime (`run` runs it next to
+//! `conversations`), idempotent, equal to a from-scratch replay, and strict about a revocation of an unknown key.
+
+mod common;
+
+use common::{Env, Publisher, append, started, test_config};
+use nura_domain::DomainEvent;
+use nura_domain::api_key::{ApiKeyEvent, stream_id};
+use nura_projections::api_keys::{self, ApiKeys};
+use nura_projections::{ApplyError, Projection, has_passed};
+use nura_store::{CommitToken, EventStore, ExpectedVersion, Metadata, NewEvent};
+use nura_testkit::TestDb;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+fn issued(key_id: Uuid, tenant: &str) -> ApiKeyEvent {
+    ApiKeyEvent::ApiKeyIssued {
+        key_id,
+        tenant_id: tenant.into(),
+        name: "ci".into(),
+        roles: vec!["service".into(), "viewer".into()],
+        secret_hash: "cd".repeat(32),
+        issued_by: "alice".into(),
+        at: common::at(1),
+    }
+}
+
+fn revoked() -> ApiKeyEvent {
+    ApiKeyEvent::ApiKeyRevoked {
+        revoked_by: "bob".into(),
+        at: common::at(2),
+    }
+}
+
+async fn append_key(
+    store: &EventStore,
+    key_id: Uuid,
+    tenant: &str,
+    e: &ApiKeyEvent,
+) -> CommitToken {
+    let new = NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: e.event_type().into(),
+        schema_version: 1,
+        payload: e.to_payload(),
+    };
+    let meta = Metadata {
+        tenant_id: tenant.into(),
+        actor: "alice".into(),
+        command_id: Uuid::now_v7().to_string(),
+        correlation_id: "test".into(),
+        causation_id: None,
+    };
+    store
+        .append(
+            &stream_id(key_id),
+            ExpectedVersion::Any,
+            &[new],
+            &meta,
+            None,
+        )
+        .await
+        .expect("append")
+        .commit
+}
+
+async fn row(
+    pool: &sqlx::PgPool,
+    key_id: Uuid,
+) -> Option<(String, String, Vec<String>, Option<String>)> {
+    sqlx::query_as(
+        "SELECT tenant_id, status, roles, revoked_by FROM read.api_keys WHERE key_id = $1",
+    )
+    .bind(key_id)
+    .fetch_optional(pool)
+    .await
+    .expect("select")
+}
+
+/// Applies every API-key event of `store` through the projection into `target`, stream by
+/// stream. Not `fold`: `read_all` stops at the oldest transaction open anywhere on the shared
+/// server, and other tests hold some open on purpose.
+async fn apply_all(store: &EventStore, target: &sqlx::PgPool) -> Result<(), ApplyError> {
+    let streams: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT stream_id FROM es.events WHERE stream_id LIKE 'apikey-%'",
+    )
+    .fetch_all(store.pool())
+    .await?;
+    let mut tx = target.begin().await?;
+    for s in streams {
+        let events = store
+            .read_stream(&s, 0, 1000)
+            .await
+            .map_err(|e| ApplyError::Inconsistent(e.to_string()))?;
+        for e in events {
+            ApiKeys.apply(&mut tx, &e).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_projector_run_applies_issued_and_revoked_keys_next_to_conversations() {
+    let env = Env::new().await;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        append_key(&env.store, a, "acme", &issued(a, "acme")).await;
+        let issued_b = append_key(&env.store, b, "evil", &issued(b, "evil")).await;
+        let last = append_key(&env.store, a, "acme", &revoked()).await;
+        let conversation = Uuid::now_v7();
+        append(
+            &env.store,
+            conversation,
+            "acme",
+            &[started(conversation, "acme", 3)],
+        )
+        .await;
+        Publisher::new(&env).publish_new(&env.store).await;
+
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(nura_projections::run(
+            env.store.clone(),
+            env.js.clone(),
+            env.topology.clone(),
+            test_config(),
+            shutdown.clone(),
+        ));
+        // A commit token names one partition; `a` and `b` may sit in different ones.
+        for token in [last, issued_b] {
+            while !has_passed(env.store.pool(), api_keys::NAME, token)
+                .await
+                .expect("checkpoint")
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        assert_eq!(
+            row(env.store.pool(), a).await,
+            Some((
+                "acme".into(),
+                "revoked".into(),
+                vec!["service".into(), "viewer".into()],
+                Some("bob".into())
+            ))
+        );
+        assert_eq!(
+            row(env.store.pool(), b).await.map(|r| r.1),
+            Some("active".into())
+        );
+        // The same `run` also drives the conversations projector.
+        loop {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM read.conversations")
+                .fetch_one(env.store.pool())
+                .await
+                .expect("count");
+            if n == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // The runtime's rows equal a replay of every key stream into empty tables.
+        let clean = TestDb::new().await;
+        apply_all(&env.store, &clean.pool).await.expect("apply");
+        assert_eq!(
+            api_keys::dump(env.store.pool()).await.expect("dump"),
+            api_keys::dump(&clean.pool).await.expect("dump")
+        );
+        shutdown.cancel();
+        running.await.expect("join").expect("run");
+    })
+    .await
+    .expect("test timed out");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn applying_the_log_twice_leaves_the_same_rows_and_keeps_last_used_at() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let db = TestDb::new().await;
+        let store = EventStore::connect(db.pool.clone()).await.expect("store");
+        let a = Uuid::now_v7();
+        append_key(&store, a, "acme", &issued(a, "acme")).await;
+        apply_all(&store, &db.pool).await.expect("apply");
+        sqlx::query("UPDATE read.api_keys SET last_used_at = now() WHERE key_id = $1")
+            .bind(a)
+            .execute(&db.pool)
+            .await
+            .expect("touch");
+        append_key(&store, a, "acme", &revoked()).await;
+        apply_all(&store, &db.pool).await.expect("apply");
+        let once = api_keys::dump(&db.pool).await.expect("dump");
+        apply_all(&store, &db.pool).await.expect("apply again");
+        assert_eq!(api_keys::dump(&db.pool).await.expect("dump"), once);
+        assert_eq!(row(&db.pool, a).await.map(|r| r.1), Some("revoked".into()));
+        let used: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT last_used_at FROM read.api_keys WHERE key_id = $1")
+                .bind(a)
+                .fetch_one(&db.pool)
+                .await
+                .expect("select");
+        assert!(used.is_some(), "the projection never clears last_used_at");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_revocation_of_a_key_the_read_model_never_saw_is_an_error_not_a_silent_skip() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let db = TestDb::new().await;
+        let store = EventStore::connect(db.pool.clone()).await.expect("store");
+        let a = Uuid::now_v7();
+        append_key(&store, a, "acme", &revoked()).await;
+        let err = apply_all(&store, &db.pool).await.expect_err("must fail");
+        assert!(matches!(err, ApplyError::Inconsistent(_)), "{err:?}");
+        assert_eq!(
+            nura_projections::projection_named("api_keys").map(|p| p.name()),
+            Some("api_keys")
+        );
+        let _: &dyn Projection = &ApiKeys;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -1,0 +1,39 @@
+//! The read side over HTTP: conversation read models and the audit history from the event store.
+//!
+//! * `GET /v1/conversations` (keyset pages), `GET /v1/conversations/{id}` (with its messages):
+//!   read from `read.conversations` / `read.messages`, always confined to the caller's tenant.
+//! * `GET /v1/streams/{stream_id}/events`: the stored events of one stream, owned by the caller's
+//!   tenant (checked on the events' metadata).
+//! * `GET /v1/api-keys`, `GET /v1/api-keys/{id}` (admin only, [`api_keys`]): `read.api_keys`
+//!   without hashes; `?after=` waits on the `api_keys` projector.
+//! * Read-your-writes (DESIGN.md invariant 7): every endpoint takes a commit token (`?after=` or
+//!   `Nura-After`) and waits, up to [`QueryConfig::read_your_writes_timeout`], until the
+//!   `conversations` projector's checkpoint for the token's partition has passed it; otherwise
+//!   504 `not_caught_up`.
+//!
+//! Limits: read-only (never writes a row); a conversation's messages are capped at
+//! [`MAX_MESSAGES`] per response; waiting polls `read.checkpoints` (no LISTEN).
+
+pub mod api_keys;
+mod consistency;
+mod routes;
+
+pub use consistency::{AFTER_HEADER, PROJECTOR, wait_for};
+pub use routes::{MAX_MESSAGES, router};
+
+use std::time::Duration;
+
+/// Settings of the query API.
+#[derive(Debug, Clone)]
+pub struct QueryConfig {
+    /// The longest a query waits for the projection to pass a commit token before answering 504.
+    pub read_your_writes_timeout: Duration,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            read_your_writes_timeout: Duration::from_secs(5),
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The `nura` binary's library: configuration, telemetry and the wiring of each subcommand.
+//! Each part (gateway, relay, projector) runs under one cancellation token; `serve` runs them
+//! all in one process and stops them together on SIGINT/SIGTERM.
+
+mod bench;
+mod bench_http;
+pub mod config;
+pub mod telemetry;
+
+use anyhow::Context;
+use config::{Cli, Command, DbArgs, NatsArgs};
+use nura_store::EventStore;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Runs the chosen subcommand to completion.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Migrate(db) => {
+            let pool = connect_db(&db).await?;
+            nura_store::MIGRATOR
+                .run(&pool)
+                .await
+                .context("apply migrations")?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Token(args) => {
+            let roles = args
+                .roles
+                .iter()
+                .map(|r| nura_http::Role::parse(r).with_context(|| format!("unknown role {r:?}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let secret = args
+                .jwt
+                .jwt_secret
+                .as_ref()
+                .context("`nura token` signs with JWT_SECRET: set it")?;
+            let token = nura_gateway::issue_token(
+                secret,
+                &args.jwt.jwt_issuer,
+                &args.jwt.jwt_audience,
+                &args.tenant,
+                &args.user,
+                &roles,
+                Duration::from_secs(args.ttl_secs),
+            )?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Relay(args) => {
+            let store = open_store(&args.db).await?;
+            let js = connect_jetstream(&args.nats).await?;
+            let shutdown = shutdown_on_signal();
+            relay(store, js, args.nats.topology(), shutdown).await
+        }
+        Command::Projector(args) => {
+            let store = open_store(&args.db).await?;
+            let js = connect_jetstream(&args.nats).await?;
+            let shutdown = shutdown_on_signal();
+            projector(store, js, args.nats.topology(), shutdown).await
+        }
+        Command::Serve(args) => serve(*args).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
+    // Read the keys first: a bad key file should stop the start before anything connects.
+    let gateway_config = args.gateway_config()?;
+    let metrics = telemetry::install_metrics()?;
+    let pool = connect_db(&args.db).await?;
+    if !args.no_migrate {
+        nura_store::MIGRATOR
+            .run(&pool)
+            .await
+            .context("apply migrations")?;
+    }
+    let store = EventStore::connect(pool)
+        .await
+        .context("open event store")?;
+    let nats = connect_nats(&args.nats).await?;
+    let js = async_nats::jetstream::new(nats.clone());
+    let shutdown = shutdown_on_signal();
+    let tasks = TaskTracker::new();
+
+    let listener = tokio::net::TcpListener::bind(args.listen_addr)
+        .await
+        .with_context(|| format!("bind {}", args.listen_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+    let app = nura_gateway::app(
+        store.clone(),
+        nats.clone(),
+        gateway_config,
+        Some(metrics.clone()),
+        vec![nura_projections::admin_router(store.clone())],
+    );
+
+    supervise(&tasks, &shutdown, "metrics upkeep", {
+        let shutdown = shutdown.clone();
+        async move {
+            while !shutdown.is_cancelled() {
+                metrics.run_upkeep();
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+            Ok(())
+        }
+    });
+    supervise(
+        &tasks,
+        &shutdown,
+        "relay",
+        relay(
+            store.clone(),
+            js.clone(),
+            args.nats.topology(),
+            shutdown.clone(),
+        ),
+    );
+    supervise(
+        &tasks,
+        &shutdown,
+        "projector conversations",
+        projector(store.clone(), js, args.nats.topology(), shutdown.clone()),
+    );
+    supervise(&tasks, &shutdown, "http", {
+        let shutdown = shutdown.clone();
+        async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .context("http server")
+        }
+    });
+    tasks.close();
+    tasks.wait().await;
+    nats.drain().await.ok();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Spawns a part of the system; when it ends (error or not) everything shuts down, and the log
+/// says which part ended and why.
+fn supervise<F>(tasks: &TaskTracker, shutdown: &CancellationToken, name: &'static str, fut: F)
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        match fut.await {
+            Ok(()) if shutdown.is_cancelled() => tracing::info!(task = name, "stopped"),
+            Ok(()) => tracing::error!(task = name, "ended unexpectedly; shutting down"),
+            Err(e) => tracing::error!(
+                task = name,
+                error = format!("{e:#}"),
+                "failed; shutting down"
+            ),
+        }
+        shutdown.cancel();
+    });
+}
+
+async fn relay(
+    store: EventStore,
+    js: async_nats::jetstream::Context,
+    topology: nura_nats::Topology,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    nura_nats::relay::Relay::new(
+        store,
+        js,
+        topology,
+        nura_nats::relay::RelayConfig::default(),
+    )
+    .run(shutdown)
+    .await
+}
+
+async fn projector(
+    store: EventStore,
+    js: async_nats::jetstream::Context,
+    topology: nura_nats::Topology,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    nura_projections::run(
+        store,
+        js,
+        topology,
+        nura_projections::ProjectorConfig::default(),
+        shutdown,
+    )
+    .await
+}
+
+async fn connect_db(db: &DbArgs) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(db.database_max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&db.database_url)
+        .await
+        .context("connect to Postgres (DATABASE_URL)")
+}
+
+async fn open_store(db: &DbArgs) -> anyhow::Result<EventStore> {
+    open_store_with(connect_db(db).await?, db).await
+}
+
+async fn open_store_with(pool: PgPool, db: &DbArgs) -> anyhow::Result<EventStore> {
+    let store = if db.group_commit_lanes == 0 {
+        EventStore::connect(pool).await
+    } else {
+        EventStore::connect_with_group_commit(
+            pool,
+            db.group_commit_lanes,
+            db.group_commit_max_batch,
+        )
+        .await
+    };
+    store.context("open event store (did `nura migrate` run?)")
+}
+
+/// Connects to NATS; if it is down the client keeps retrying in the background, so commands
+/// (which need only Postgres) keep working.
+async fn connect_nats(nats: &NatsArgs) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name("nura")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(&nats.nats_url)
+        .await
+        .context("connect to NATS (NATS_URL)")
+}
+
+async fn connect_jetstream(nats: &NatsArgs) -> anyhow::Result<async_nats::jetstream::Context> {
+    Ok(async_nats::jetstream::new(connect_nats(nats).await?))
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        t.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}

@@ -1,0 +1,590 @@
+//! Event store tests against a real Postgres (TESTPLAN ES1, ES2, ES3 for the log reader).
+
+use nura_store::{
+    CommandRecord, EventStore, ExpectedVersion, Metadata, NewEvent, Position, StoreError,
+};
+use nura_testkit::TestDb;
+use sqlx::{Connection, Executor};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use uuid::Uuid;
+
+fn event(n: u64) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: "Counted".into(),
+        schema_version: 1,
+        payload: serde_json::json!({ "n": n }),
+    }
+}
+
+fn meta(command_id: &str) -> Metadata {
+    Metadata {
+        tenant_id: "acme".into(),
+        actor: "alice".into(),
+        command_id: command_id.into(),
+        correlation_id: "req-1".into(),
+        causation_id: None,
+    }
+}
+
+fn cmd(id: &str, body: &str) -> CommandRecord {
+    CommandRecord {
+        command_id: id.into(),
+        request_hash: body.as_bytes().to_vec(),
+    }
+}
+
+async fn store() -> (TestDb, EventStore) {
+    let db = TestDb::new().await;
+    let store = EventStore::connect(db.pool_with(24).await).await.unwrap();
+    (db, store)
+}
+
+async fn grouped_store() -> (TestDb, EventStore) {
+    let db = TestDb::new().await;
+    let store = EventStore::connect_with_group_commit(db.pool_with(24).await, 4, 64)
+        .await
+        .unwrap();
+    (db, store)
+}
+
+/// ES1: 64 tasks × N read-then-append on 10 streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_on_shared_streams_never_fork_a_stream() {
+    let (_db, store) = store().await;
+    es1(store).await;
+}
+
+/// ES1 again with group commit: many commands share a transaction, each keeps its own outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_group_commit_concurrent_writers_never_fork_a_stream() {
+    let (_db, store) = grouped_store().await;
+    es1(store).await;
+}
+
+async fn es1(store: EventStore) {
+    let per_task: u64 = std::env::var("NURA_ES1_APPENDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let accepted = Arc::new(AtomicU64::new(0));
+    let conflicts = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..64u64 {
+        let store = store.clone();
+        let (accepted, conflicts) = (accepted.clone(), conflicts.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_task {
+                let stream = format!("counter-{}", (t + i) % 10);
+                let version = store.stream_version(&stream).await.unwrap();
+                match store
+                    .append(
+                        &stream,
+                        ExpectedVersion::Exact(version),
+                        &[event(i)],
+                        &meta("c"),
+                        None,
+                    )
+                    .await
+                {
+                    Ok(a) => {
+                        assert_eq!(a.first_version, version + 1);
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(StoreError::Conflict { .. }) => {
+                        conflicts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => panic!("unexpected error (a deadlock?): {e}"),
+                }
+            }
+        }));
+    }
+    tokio::time::timeout(
+        Duration::from_secs(300),
+        futures::future::try_join_all(tasks),
+    )
+    .await
+    .expect("ES1 finished in time")
+    .unwrap();
+
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT stream_id, stream_version FROM es.events ORDER BY 1, 2")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    let mut per_stream: HashMap<String, Vec<i64>> = HashMap::new();
+    for (s, v) in &rows {
+        per_stream.entry(s.clone()).or_default().push(*v);
+    }
+    for (s, versions) in &per_stream {
+        let expected: Vec<i64> = (1..=versions.len() as i64).collect();
+        assert_eq!(versions, &expected, "stream {s} has gaps or duplicates");
+    }
+    let accepted = accepted.load(Ordering::Relaxed);
+    let conflicts = conflicts.load(Ordering::Relaxed);
+    println!(
+        "ES1 verdict: attempted={} accepted={accepted} conflicts={conflicts} stored={} streams={}",
+        64 * per_task,
+        rows.len(),
+        per_stream.len()
+    );
+    assert_eq!(
+        accepted as usize,
+        rows.len(),
+        "accepted commands = stored events"
+    );
+    assert_eq!(
+        accepted + conflicts,
+        64 * per_task,
+        "every loser got a conflict"
+    );
+    assert!(conflicts > 0, "the test must actually contend");
+}
+
+/// ES2: idempotency keys and event ids.
+#[tokio::test]
+async fn a_repeated_command_is_stored_once_and_returns_its_first_result() {
+    let (_db, store) = store().await;
+    let e = event(1);
+    let first = store
+        .append(
+            "counter-a",
+            ExpectedVersion::Exact(0),
+            std::slice::from_ref(&e),
+            &meta("k1"),
+            Some(&cmd("k1", "body")),
+        )
+        .await
+        .unwrap();
+    assert!(!first.replayed);
+    for _ in 0..2 {
+        // Even with a stale expected version and fresh event ids, a repeat returns the first result.
+        let again = store
+            .append(
+                "counter-a",
+                ExpectedVersion::Exact(0),
+                &[event(1)],
+                &meta("k1"),
+                Some(&cmd("k1", "body")),
+            )
+            .await
+            .unwrap();
+        assert!(again.replayed);
+        assert_eq!(again.commit, first.commit);
+        assert_eq!(again.event_ids, first.event_ids);
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM es.events")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, 1, "one copy stored");
+}
+
+#[tokio::test]
+async fn the_same_command_id_with_a_different_body_is_rejected() {
+    let (_db, store) = store().await;
+    store
+        .append(
+            "counter-a",
+            ExpectedVersion::Exact(0),
+            &[event(1)],
+            &meta("k"),
+            Some(&cmd("k", "one")),
+        )
+        .await
+        .unwrap();
+    let err = store
+        .append(
+            "counter-a",
+            ExpectedVersion::Exact(1),
+            &[event(2)],
+            &meta("k"),
+            Some(&cmd("k", "two")),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::IdempotencyMismatch(_)), "{err:?}");
+    assert_eq!(store.stream_version("counter-a").await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn reusing_event_ids_is_a_conflict_at_a_stale_version_and_a_duplicate_at_the_current_one() {
+    let (_db, store) = store().await;
+    let e = event(1);
+    store
+        .append(
+            "counter-a",
+            ExpectedVersion::Exact(0),
+            std::slice::from_ref(&e),
+            &meta("a"),
+            None,
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            "counter-a",
+            ExpectedVersion::Exact(1),
+            &[event(2)],
+            &meta("b"),
+            None,
+        )
+        .await
+        .unwrap();
+    let stale = store
+        .append(
+            "counter-a",
+            ExpectedVersion::Exact(1),
+            std::slice::from_ref(&e),
+            &meta("c"),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(stale, StoreError::Conflict { .. }), "{stale:?}");
+    let current = store
+        .append(
+            "counter-a",
+            ExpectedVersion::Exact(2),
+            std::slice::from_ref(&e),
+            &meta("d"),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(current, StoreError::DuplicateEvent), "{current:?}");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM es.events")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, 2);
+}
+
+#[tokio::test]
+async fn an_expected_version_ahead_of_the_stream_is_a_conflict_not_a_gap() {
+    let (_db, store) = store().await;
+    let err = store
+        .append(
+            "counter-a",
+            ExpectedVersion::Exact(5),
+            &[event(1)],
+            &meta("a"),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }));
+    assert_eq!(store.stream_version("counter-a").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn zero_events_are_never_appended() {
+    let (_db, store) = store().await;
+    let err = store
+        .append("counter-a", ExpectedVersion::Any, &[], &meta("a"), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NoEvents));
+}
+
+#[tokio::test]
+async fn a_stream_is_read_from_a_version_with_its_metadata_envelope() {
+    let (_db, store) = store().await;
+    let m = Metadata {
+        causation_id: Some(Uuid::now_v7()),
+        ..meta("k")
+    };
+    store
+        .append(
+            "counter-a",
+            ExpectedVersion::Any,
+            &[event(1), event(2), event(3)],
+            &m,
+            None,
+        )
+        .await
+        .unwrap();
+    let events = store.read_stream("counter-a", 1, 100).await.unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    assert_eq!(events[0].metadata, m);
+    assert_eq!(events[0].payload, serde_json::json!({"n": 2}));
+    assert_eq!(
+        events[0].partition,
+        nura_store::partition_of("counter-a", store.partitions())
+    );
+}
+
+/// ES3 for the log reader: an open transaction that already took a position holds readers back;
+/// after it commits its event is delivered, after a rollback readers move on; nothing skipped.
+#[tokio::test]
+async fn the_log_reader_never_skips_a_late_commit() {
+    let (db, store) = store().await;
+    for (late_outcome, label) in [(true, "commit"), (false, "rollback")] {
+        let before = read_everything(&store).await;
+        // Take a position in a transaction and keep it open.
+        let mut open = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        open.execute("BEGIN").await.unwrap();
+        sqlx::query(
+            "INSERT INTO es.events (event_id, stream_id, stream_version, partition, event_type, payload, metadata) \
+             VALUES ($1, 'late-1', $2, 0, 'Late', '{}', '{\"tenant_id\": \"acme\"}')",
+        )
+        .bind(Uuid::now_v7())
+        .bind(if late_outcome { 1i64 } else { 2 })
+        .execute(&mut open)
+        .await
+        .unwrap();
+        // Later commits, with higher positions, in other transactions.
+        for i in 0..5 {
+            store
+                .append(
+                    &format!("after-{label}-{i}"),
+                    ExpectedVersion::Any,
+                    &[event(i)],
+                    &meta("x"),
+                    None,
+                )
+                .await
+                .unwrap();
+        }
+        let during = read_everything(&store).await;
+        assert_eq!(
+            during.len(),
+            before.len(),
+            "readers stop before the open transaction ({label})"
+        );
+        if late_outcome {
+            open.execute("COMMIT").await.unwrap();
+        } else {
+            open.execute("ROLLBACK").await.unwrap();
+        }
+        let after = read_everything(&store).await;
+        let expected = before.len() + 5 + usize::from(late_outcome);
+        assert_eq!(
+            after.len(),
+            expected,
+            "after the {label} everything is delivered, once"
+        );
+        let mut sorted = after.clone();
+        sorted.sort();
+        assert_eq!(sorted, after, "commit order");
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM es.events")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(stored as usize, after.len(), "0 skipped");
+        // A reader that checkpointed during the hold resumes and still gets the late event.
+        let resumed = store
+            .read_all(*during.last().unwrap_or(&Position::ZERO), 1000)
+            .await
+            .unwrap();
+        assert_eq!(
+            resumed.len(),
+            after.len() - during.len(),
+            "a checkpointed reader gets the late commit ({label})"
+        );
+    }
+}
+
+async fn read_everything(store: &EventStore) -> Vec<Position> {
+    let mut cursor = Position::ZERO;
+    let mut out = Vec::new();
+    loop {
+        let batch = store.read_all(cursor, 3).await.unwrap();
+        if batch.is_empty() {
+            return out;
+        }
+        cursor = batch.last().unwrap().position();
+        out.extend(batch.iter().map(|e| e.position()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_repeats_of_one_command_store_it_once() {
+    let (_db, store) = store().await;
+    concurrent_repeats(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_group_commit_concurrent_repeats_of_one_command_store_it_once() {
+    let (_db, store) = grouped_store().await;
+    concurrent_repeats(store).await;
+}
+
+/// In one batch: fresh commands succeed, a stale one conflicts, a repeat replays and a reused
+/// key with another body is refused — each gets its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_group_commit_one_commands_refusal_never_fails_another() {
+    let (_db, store) = grouped_store().await;
+    let first = store
+        .append(
+            "counter-r",
+            ExpectedVersion::Exact(0),
+            &[event(0)],
+            &meta("r"),
+            Some(&cmd("r", "body")),
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            "counter-s",
+            ExpectedVersion::Exact(0),
+            &[event(0)],
+            &meta("s"),
+            None,
+        )
+        .await
+        .unwrap();
+    for _round in 0..20 {
+        let mut calls = Vec::new();
+        for i in 0..40u64 {
+            let store = store.clone();
+            calls.push(tokio::spawn(async move {
+                match i % 4 {
+                    0 => store
+                        .append(
+                            &format!("fresh-{}", Uuid::now_v7()),
+                            ExpectedVersion::Exact(0),
+                            &[event(i), event(i)],
+                            &meta("f"),
+                            None,
+                        )
+                        .await
+                        .map(|a| ("fresh", a.last_version)),
+                    1 => store
+                        .append(
+                            "counter-s",
+                            ExpectedVersion::Exact(0),
+                            &[event(i)],
+                            &meta("s"),
+                            None,
+                        )
+                        .await
+                        .map(|_| ("stale", 0)),
+                    2 => store
+                        .append(
+                            "counter-r",
+                            ExpectedVersion::Exact(0),
+                            &[event(i)],
+                            &meta("r"),
+                            Some(&cmd("r", "body")),
+                        )
+                        .await
+                        .map(|a| ("repeat", a.last_version)),
+                    _ => store
+                        .append(
+                            &format!("other-{}", Uuid::now_v7()),
+                            ExpectedVersion::Exact(0),
+                            &[event(i)],
+                            &meta("r"),
+                            Some(&cmd("r", "other")),
+                        )
+                        .await
+                        .map(|_| ("mismatch", 0)),
+                }
+            }));
+        }
+        for (i, c) in calls.into_iter().enumerate() {
+            let r = c.await.unwrap();
+            match i % 4 {
+                0 => assert_eq!(r.unwrap(), ("fresh", 2)),
+                1 => assert!(matches!(r, Err(StoreError::Conflict { .. })), "{r:?}"),
+                2 => assert_eq!(r.unwrap(), ("repeat", first.last_version)),
+                _ => assert!(
+                    matches!(r, Err(StoreError::IdempotencyMismatch(_))),
+                    "{r:?}"
+                ),
+            }
+        }
+    }
+    assert_eq!(store.stream_version("counter-r").await.unwrap(), 1);
+    assert_eq!(store.stream_version("counter-s").await.unwrap(), 1);
+    let fresh: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM es.events WHERE stream_id LIKE 'fresh-%'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(fresh, 20 * 10 * 2);
+    let gaps: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT stream_id FROM es.events GROUP BY stream_id HAVING max(stream_version) <> count(*)) g",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(gaps, 0);
+}
+
+/// Within one transaction, a stream's events take positions in version order, so a log reader
+/// never sees version 2 before version 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_group_commit_positions_follow_versions_within_a_stream() {
+    let (_db, store) = grouped_store().await;
+    let calls: Vec<_> = (0..64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let events: Vec<_> = (0..5).map(event).collect();
+                store
+                    .append(
+                        &format!("multi-{i}"),
+                        ExpectedVersion::Exact(0),
+                        &events,
+                        &meta("m"),
+                        None,
+                    )
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap();
+    }
+    let bad: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT stream_id, stream_version, \
+           row_number() OVER (PARTITION BY stream_id ORDER BY transaction_id, global_position) AS rn FROM es.events) x \
+         WHERE stream_version <> rn",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(bad, 0);
+}
+
+async fn concurrent_repeats(store: EventStore) {
+    let attempts = (0..16).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .append(
+                    "counter-a",
+                    ExpectedVersion::Exact(0),
+                    &[event(1)],
+                    &meta("same"),
+                    Some(&cmd("same", "body")),
+                )
+                .await
+        })
+    });
+    let results = futures::future::try_join_all(attempts).await.unwrap();
+    let ok: Vec<_> = results
+        .into_iter()
+        .map(|r| r.expect("every repeat succeeds"))
+        .collect();
+    assert_eq!(
+        ok.iter().filter(|a| !a.replayed).count(),
+        1,
+        "exactly one writes"
+    );
+    assert!(
+        ok.iter().all(|a| a.commit == ok[0].commit),
+        "all see the first result"
+    );
+    assert_eq!(store.stream_version("counter-a").await.unwrap(), 1);
+}
