@@ -277,6 +277,56 @@ async fn run_all(args: &BenchArgs, sizes: &Sizes, scratch: &Scratch) -> anyhow::
         "msgs/s",
     ));
 
+    let mut append = std::collections::BTreeMap::new();
+    if args.runs("append") {
+        rows.extend(append_rows(sizes, &store, &plain_store, &raw, &mut append).await);
+    }
+
+    // Later phases open connections of their own (Postgres allows 100 by default): give ours back.
+    drop((store, plain_store));
+    pool.close().await;
+
+    // 5. Read-all, relay and projectors from a backlog.
+    if args.runs("backlog") {
+        progress(&format!("filling a backlog of {} events", sizes.backlog));
+        let backlog_db = Scratch::create(&args.database_url).await?;
+        let outcome = backlog_rows(args, sizes, &backlog_db, &js, js_publish, js_consume).await;
+        backlog_db.drop_db().await;
+        rows.extend(outcome?);
+    }
+
+    // 4 and 6. End to end over HTTP through a `nura serve` on a database of its own (the events
+    // above would otherwise be a backlog in front of its relay and projectors), and its memory.
+    if !args.runs("http") {
+        return Ok(rows);
+    }
+    let e2e_db = Scratch::create(&args.database_url).await?;
+    let outcome = crate::bench_http::e2e_rows(
+        args,
+        sizes.e2e_rates.clone(),
+        sizes.phase,
+        sizes.memory_run,
+        &e2e_db,
+        &raw,
+        &append,
+    )
+    .await;
+    e2e_db.drop_db().await;
+    rows.extend(outcome?);
+    Ok(rows)
+}
+
+/// Appends through the event store (with group commit, as `nura serve` runs it; and at
+/// concurrency 1 also without, to show what the batching costs when there is nothing to share),
+/// then the hot stream. Fills `append` with the rate per concurrency.
+async fn append_rows(
+    sizes: &Sizes,
+    store: &EventStore,
+    plain_store: &EventStore,
+    raw: &std::collections::BTreeMap<usize, (f64, f64, f64)>,
+    append: &mut std::collections::BTreeMap<usize, f64>,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
     // 2. Append through the event store (with group commit, as `nura serve` runs it; and at
     // concurrency 1 also without, to show what the batching costs when there is nothing to share).
     progress("append without group commit, concurrency 1");
@@ -309,7 +359,6 @@ async fn run_all(args: &BenchArgs, sizes: &Sizes, scratch: &Scratch) -> anyhow::
             "commands/s",
         ));
     }
-    let mut append = std::collections::BTreeMap::new();
     for c in [1usize, 8, 32, 64] {
         progress(&format!("append through the event store, concurrency {c}"));
         let st = store.clone();
@@ -416,33 +465,7 @@ async fn run_all(args: &BenchArgs, sizes: &Sizes, scratch: &Scratch) -> anyhow::
         ));
     }
 
-    // Later phases open connections of their own (Postgres allows 100 by default): give ours back.
-    drop((store, plain_store));
-    pool.close().await;
-
-    // 5. Read-all, relay and projectors from a backlog.
-    progress(&format!("filling a backlog of {} events", sizes.backlog));
-    let backlog_db = Scratch::create(&args.database_url).await?;
-    let outcome = backlog_rows(args, sizes, &backlog_db, &js, js_publish, js_consume).await;
-    backlog_db.drop_db().await;
-    rows.extend(outcome?);
-
-    // 4 and 6. End to end over HTTP through a `nura serve` on a database of its own (the events
-    // above would otherwise be a backlog in front of its relay and projectors), and its memory.
-    let e2e_db = Scratch::create(&args.database_url).await?;
-    let outcome = crate::bench_http::e2e_rows(
-        args,
-        sizes.e2e_rates.clone(),
-        sizes.phase,
-        sizes.memory_run,
-        &e2e_db,
-        &raw,
-        &append,
-    )
-    .await;
-    e2e_db.drop_db().await;
-    rows.extend(outcome?);
-    Ok(rows)
+    rows
 }
 
 async fn backlog_rows(

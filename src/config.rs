@@ -335,4 +335,17 @@ pub struct BenchArgs {
     /// Also write the rows as a JSON list to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Run only these phases (comma-separated: `append`, `backlog`, `http`); the raw floors
+    /// always run. `http` also runs `append`, whose concurrency-32 rate it is compared with.
+    #[arg(long, value_delimiter = ',', value_parser = ["append", "backlog", "http"])]
+    pub only: Vec<String>,
+}
+
+impl BenchArgs {
+    /// Whether the bench runs `phase` (see `--only`).
+    pub fn runs(&self, phase: &str) -> bool {
+        self.only.is_empty()
+            || self.only.iter().any(|p| p == phase)
+            || (phase == "append" && self.only.iter().any(|p| p == "http"))
+    }
 }
