@@ -248,7 +248,8 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
-/// Ready when Postgres answers a query and NATS answers a flush, each within [`READY_PROBE`].
+/// Ready when Postgres answers a query and JetStream answers an account query, each within
+/// [`READY_PROBE`].
 async fn readyz(State(h): State<Health>) -> impl IntoResponse {
     let pg = tokio::time::timeout(
         READY_PROBE,
@@ -256,12 +257,15 @@ async fn readyz(State(h): State<Health>) -> impl IntoResponse {
     )
     .await
     .is_ok_and(|r| r.is_ok());
-    // `flush` alone only hands bytes to the socket, which a just-killed server's socket may still
-    // accept: the client must also still consider itself connected.
+    // A round trip to the JetStream API: `flush` alone only hands bytes to a socket, which a
+    // just-killed server's socket may still accept, and the client notices a dead server late.
     let nats = h.nats.connection_state() == async_nats::connection::State::Connected
-        && tokio::time::timeout(READY_PROBE, h.nats.flush())
-            .await
-            .is_ok_and(|r| r.is_ok());
+        && tokio::time::timeout(
+            READY_PROBE,
+            h.nats.request("$JS.API.INFO", Vec::new().into()),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
     let body = json!({"postgres": pg, "nats": nats});
     if pg && nats {
         (StatusCode::OK, axum::Json(body)).into_response()
