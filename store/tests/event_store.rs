@@ -588,3 +588,79 @@ async fn concurrent_repeats(store: EventStore) {
     );
     assert_eq!(store.stream_version("counter-a").await.unwrap(), 1);
 }
+
+/// Every command of a group-committed batch records its own result: a repeat of each returns
+/// exactly what the first call returned (stream, versions, commit token, event ids in order),
+/// and the commit token names the stream's last event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_group_commit_each_command_records_its_own_result() {
+    let (_db, store) = grouped_store().await;
+    let calls = (0..48u64).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let stream = format!("result-{i}-{}", Uuid::now_v7());
+            let events: Vec<NewEvent> = (0..=(i % 3)).map(event).collect();
+            let id = format!("cmd-{i}");
+            let first = store
+                .append(
+                    &stream,
+                    ExpectedVersion::Exact(0),
+                    &events,
+                    &meta(&id),
+                    Some(&cmd(&id, "body")),
+                )
+                .await
+                .unwrap();
+            (stream, events, id, first)
+        })
+    });
+    let firsts: Vec<_> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    for (stream, events, id, first) in firsts {
+        assert_eq!(first.stream_id, stream);
+        assert_eq!(
+            (first.first_version, first.last_version),
+            (1, events.len() as i64)
+        );
+        assert_eq!(
+            first.event_ids,
+            events.iter().map(|e| e.event_id).collect::<Vec<_>>()
+        );
+        let last = store.read_stream(&stream, 0, 10).await.unwrap();
+        assert_eq!(
+            last.last().map(|e| e.commit_token()),
+            Some(first.commit),
+            "commit token of {stream}"
+        );
+        let again = store
+            .append(
+                &stream,
+                ExpectedVersion::Exact(0),
+                &events,
+                &meta(&id),
+                Some(&cmd(&id, "body")),
+            )
+            .await
+            .unwrap();
+        assert!(again.replayed);
+        assert_eq!(
+            (
+                again.stream_id,
+                again.first_version,
+                again.last_version,
+                again.commit,
+                again.event_ids
+            ),
+            (
+                first.stream_id,
+                first.first_version,
+                first.last_version,
+                first.commit,
+                first.event_ids
+            )
+        );
+    }
+}
