@@ -190,7 +190,12 @@ async fn run_all(args: &BenchArgs, sizes: &Sizes, scratch: &Scratch) -> anyhow::
         .max_connections(66)
         .connect(&scratch.url)
         .await?;
-    let store = EventStore::connect_with_group_commit(pool.clone(), 4, 128).await?;
+    let store = EventStore::connect_with_group_commit(
+        pool.clone(),
+        args.group_commit_lanes,
+        args.group_commit_max_batch,
+    )
+    .await?;
     let plain_store = EventStore::connect(pool.clone()).await?;
     let nats = async_nats::connect(&args.nats_url)
         .await

@@ -339,6 +339,12 @@ pub struct BenchArgs {
     /// always run. `http` also runs `append`, whose concurrency-32 rate it is compared with.
     #[arg(long, value_delimiter = ',', value_parser = ["append", "backlog", "http"])]
     pub only: Vec<String>,
+    /// Group-commit lanes of the append phase (as `nura serve`'s `GROUP_COMMIT_LANES`).
+    #[arg(long, env = "GROUP_COMMIT_LANES", default_value_t = 4)]
+    pub group_commit_lanes: usize,
+    /// Most commands in one group commit (as `nura serve`'s `GROUP_COMMIT_MAX_BATCH`).
+    #[arg(long, env = "GROUP_COMMIT_MAX_BATCH", default_value_t = 128)]
+    pub group_commit_max_batch: usize,
 }
 
 impl BenchArgs {

@@ -141,10 +141,15 @@ impl PgProcess {
         }
     }
 
-    /// Stops the server in immediate mode (SIGQUIT): no checkpoint, recovery on start.
+    /// Stops the server in immediate mode (`pg_ctl stop -m immediate`: no checkpoint, recovery
+    /// on start). Through `pg_ctl` because the child may be a `runuser` wrapper that does not
+    /// pass signals on to the postmaster.
     pub fn stop_immediate(&mut self) {
         if let Some(mut c) = self.child.take() {
-            send_signal(c.id(), "QUIT");
+            let mut stop = sudo_postgres(pg_bin("pg_ctl"));
+            stop.args(["stop", "-m", "immediate", "-w", "-D"])
+                .arg(self.dir.join("data"));
+            run(&mut stop);
             let _ = c.wait();
             wait_port_closed(self.port, Duration::from_secs(30));
         }
@@ -260,12 +265,6 @@ fn run(cmd: &mut Command) {
         "{cmd:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn send_signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status();
 }
 
 fn wait_for_port(port: u16, limit: Duration) {
