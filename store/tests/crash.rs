@@ -149,10 +149,18 @@ async fn acknowledged_commands_survive_an_immediate_stop_and_failed_ones_are_all
                 .await
                 .expect("command");
         if s.acked.is_some() {
-            assert_eq!(stored, s.event_ids, "acknowledged command {} lost", s.command_id);
+            assert_eq!(
+                stored, s.event_ids,
+                "acknowledged command {} lost",
+                s.command_id
+            );
             assert_eq!(recorded.as_deref(), Some(s.stream.as_str()));
         } else if stored.is_empty() {
-            assert_eq!(recorded, None, "a record without events for {}", s.command_id);
+            assert_eq!(
+                recorded, None,
+                "a record without events for {}",
+                s.command_id
+            );
             absent += 1;
         } else {
             assert_eq!(stored, s.event_ids, "a partial command {}", s.command_id);
