@@ -2,114 +2,43 @@
 //! and a free port; commands over HTTP, reads that wait for the projection with `?after=`, the
 //! audit history with metadata from the token, and 4xx envelopes for bad input.
 
-use nura_testkit::{TestDb, free_port, unique_name};
+mod common;
+
+use common::Serve;
+use nura_testkit::TestDb;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt;
-use tokio::process::{Child, Command};
+use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_nura");
-
-/// Kills the server when the test ends, however it ends.
+/// The server and the secret its tokens are signed with.
 struct Server {
-    child: Child,
-    base: String,
+    serve: Serve,
     secret: String,
-    /// Everything the server wrote (its logs), for the no-secrets-in-logs check.
-    logs: Arc<Mutex<String>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
 }
 
 async fn serve(db: &TestDb) -> Server {
-    let port = free_port();
     let secret =
         uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .env("DATABASE_URL", &db.url)
-        .env("NATS_URL", nura_testkit::nats_url())
-        .env("NURA_STREAM", unique_name("EV"))
-        .env("NURA_SUBJECT_PREFIX", unique_name("t"))
-        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-        .env("JWT_SECRET", &secret)
-        .env("READ_YOUR_WRITES_TIMEOUT_MS", "20000")
-        // Debug logs from our crates, so the check that no token reaches the logs means something.
-        .env(
-            "RUST_LOG",
-            "debug,hyper=info,hyper_util=info,h2=info,async_nats=info,sqlx=warn",
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start nura serve");
-    let logs = Arc::new(Mutex::new(String::new()));
-    let pipes: [Box<dyn tokio::io::AsyncRead + Unpin + Send>; 2] = [
-        Box::new(child.stdout.take().expect("stdout")),
-        Box::new(child.stderr.take().expect("stderr")),
-    ];
-    // Drain both pipes continuously: a full pipe would block the server's logging.
-    for mut pipe in pipes {
-        let logs = logs.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            while let Ok(n) = pipe.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut l) = logs.lock() {
-                    l.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
-    }
-    let server = Server {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-        secret,
-        logs,
-    };
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{}/readyz", server.base)).send().await
-            && r.status() == StatusCode::OK
-        {
-            return server;
-        }
-        if Instant::now() > deadline {
-            let logs = server.logs.lock().map(|l| l.clone()).unwrap_or_default();
-            panic!("nura serve never became ready; its output:\n{logs}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let serve = Serve::start(
+        db,
+        &[
+            ("JWT_SECRET", secret.clone()),
+            ("READ_YOUR_WRITES_TIMEOUT_MS", "20000".into()),
+            ("DATABASE_MAX_CONNECTIONS", "32".into()),
+            // Debug logs from our crates, so the check that no token reaches the logs means
+            // something.
+            (
+                "RUST_LOG",
+                "debug,hyper=info,hyper_util=info,h2=info,async_nats=info,sqlx=warn".into(),
+            ),
+        ],
+    )
+    .await;
+    Server { serve, secret }
 }
 
 async fn token(server: &Server, tenant: &str, user: &str, role: &str) -> String {
-    let out = Command::new(BIN)
-        .args(["token", "--tenant", tenant, "--user", user, "--role", role])
-        .env("JWT_SECRET", &server.secret)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .expect("run nura token");
-    assert!(
-        out.status.success(),
-        "nura token failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_owned()
+    common::token(&server.secret, tenant, user, role).await
 }
 
 struct Reply {
@@ -126,7 +55,7 @@ async fn call(
     token: Option<&str>,
     body: Option<Value>,
 ) -> Reply {
-    let mut req = client.request(method, format!("{}{path}", server.base));
+    let mut req = client.request(method, format!("{}{path}", server.serve.base));
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -321,7 +250,7 @@ async fn a_conversation_round_trips_through_the_real_binary() {
         }
         // S6: neither the tokens nor the signing secret ever reach the logs.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let logs = server.logs.lock().expect("logs").clone();
+        let logs = server.serve.logs();
         assert!(!logs.is_empty(), "the server logged nothing");
         for (what, secret) in [
             ("alice's token", &alice),

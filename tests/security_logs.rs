@@ -3,126 +3,37 @@
 //! rejection. And the production key settings (`JWT_PUBLIC_KEYS`, `JWT_JWKS_FILE`, no
 //! `JWT_SECRET`) reach the gateway, while a server with no way to verify tokens refuses to start.
 
-use nura_testkit::{TestDb, free_port, unique_name};
+mod common;
+
+use common::{BIN, Serve};
+use nura_testkit::{TestDb, unique_name};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_nura");
-
-/// Kills the server when the test ends, however it ends.
-struct Server {
-    child: Child,
-    base: String,
-    logs: Arc<Mutex<String>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-impl Server {
-    fn logs(&self) -> String {
-        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-}
-
-async fn serve(db: &TestDb, secret: &str) -> Server {
+async fn serve(db: &TestDb, secret: &str) -> Serve {
     serve_with(db, &[("JWT_SECRET", secret.to_owned())]).await
 }
 
-async fn serve_with(db: &TestDb, settings: &[(&str, String)]) -> Server {
-    let port = free_port();
-    let mut child = Command::new(BIN);
-    for (k, v) in settings {
-        child.env(k, v);
-    }
-    let mut child = child
-        .arg("serve")
-        .env("DATABASE_URL", &db.url)
-        .env("NATS_URL", nura_testkit::nats_url())
-        .env("NURA_STREAM", unique_name("S6"))
-        .env("NURA_SUBJECT_PREFIX", unique_name("s6"))
-        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-        .env("DATABASE_MAX_CONNECTIONS", "8")
+async fn serve_with(db: &TestDb, settings: &[(&str, String)]) -> Serve {
+    let mut all = vec![
+        ("NURA_STREAM", unique_name("S6")),
+        ("NURA_SUBJECT_PREFIX", unique_name("s6")),
         // Everything, every crate, at debug.
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start nura serve");
-    let logs = Arc::new(Mutex::new(String::new()));
-    let pipes: [Box<dyn tokio::io::AsyncRead + Unpin + Send>; 2] = [
-        Box::new(child.stdout.take().expect("stdout")),
-        Box::new(child.stderr.take().expect("stderr")),
+        ("RUST_LOG", "debug".to_owned()),
     ];
-    for mut pipe in pipes {
-        let logs = logs.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            while let Ok(n) = pipe.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut l) = logs.lock() {
-                    l.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
-    }
-    let server = Server {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-        logs,
-    };
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{}/readyz", server.base)).send().await
-            && r.status() == StatusCode::OK
-        {
-            return server;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nura serve never became ready; its output:\n{}",
-            server.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    all.extend(settings.iter().cloned());
+    Serve::start(db, &all).await
 }
 
 async fn token(secret: &str, role: &str) -> String {
-    let out = Command::new(BIN)
-        .args([
-            "token", "--tenant", "acme", "--user", "alice", "--role", role,
-        ])
-        .env("JWT_SECRET", secret)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .expect("run nura token");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_owned()
+    common::token(secret, "acme", "alice", role).await
 }
 
 async fn send(
     client: &reqwest::Client,
-    server: &Server,
+    server: &Serve,
     method: reqwest::Method,
     path: &str,
     auth: (&str, &str),
