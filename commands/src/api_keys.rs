@@ -7,7 +7,8 @@
 //! request with the same `Idempotency-Key` returns the key id with `api_key: null`: the secret of
 //! the first response cannot be recovered, and a new one was never stored.
 
-use crate::handler::{CommandMeta, request_hash};
+use crate::execute::{Failure, Outcome, Request, execute, fresh_event_id};
+use crate::handler::CommandMeta;
 use crate::routes::{command_meta, empty_or_json, store_error};
 use axum::Router;
 use axum::body::Bytes;
@@ -19,20 +20,13 @@ use axum::routing::post;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::Utc;
-use nura_domain::api_key::{
-    ApiKey, ApiKeyCommand, ApiKeyError, ApiKeyEvent, ApiKeyState, stream_id,
-};
-use nura_domain::{Aggregate, DomainEvent};
+use nura_domain::api_key::{ApiKey, ApiKeyCommand, ApiKeyError, ApiKeyEvent, stream_id};
 use nura_http::{ApiError, ApiJson, Principal, RequestId, Role};
-use nura_store::{
-    Appended, CommandRecord, CommitToken, EventStore, ExpectedVersion, Metadata, NewEvent,
-    StoreError,
-};
+use nura_store::{Appended, CommitToken, EventStore, StoreError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tracing::Instrument;
 use uuid::Uuid;
 
 /// The prefix every API key starts with (lets scanners and the gateway recognise one).
@@ -247,118 +241,35 @@ impl ApiKeyHandler {
         cmd: ApiKeyCommand,
     ) -> Result<(KeyCommitted, Vec<ApiKeyEvent>), ApiKeyCommandError> {
         let stream = stream_id(key_id);
-        let tenant = &meta.actor.tenant_id;
-        let command_id = match &meta.idempotency_key {
-            Some(key) => format!("{}:{tenant}:{}", tenant.len(), key.as_str()),
-            None => format!("{}:{tenant}:{}", tenant.len(), Uuid::now_v7()),
+        let request = Request::<ApiKey> {
+            name,
+            stream: stream.clone(),
+            path_id,
+            body,
+            meta,
+            cmd,
+            creates_stream: false,
+            event_id: fresh_event_id,
         };
-        let span = tracing::info_span!(
-            "command",
-            command = name,
-            stream = %stream,
-            command_id = %command_id,
-            correlation_id = %meta.correlation_id,
-        );
-        let record = CommandRecord {
-            request_hash: request_hash(tenant, name, path_id, body),
-            command_id,
-        };
-        let result = self
-            .run(&stream, &record, meta, cmd)
-            .instrument(span.clone())
-            .await;
-        let outcome = match &result {
-            Ok((c, _)) if c.replayed => "replayed",
-            Ok((c, _)) if c.no_op => "no_op",
-            Ok(_) => "accepted",
-            Err(ApiKeyCommandError::Rejected(_)) => "rejected",
-            Err(ApiKeyCommandError::Conflict { .. }) => "conflict",
-            Err(ApiKeyCommandError::Store(_)) => "failed",
-        };
-        metrics::counter!("nura_commands_total", "command" => name, "outcome" => outcome)
-            .increment(1);
-        span.in_scope(|| match &result {
-            Err(ApiKeyCommandError::Store(e)) => tracing::warn!(error = %e, "command failed"),
-            _ => tracing::debug!(outcome, "command handled"),
-        });
-        result
-    }
-
-    async fn run(
-        &self,
-        stream: &str,
-        record: &CommandRecord,
-        meta: &CommandMeta,
-        cmd: ApiKeyCommand,
-    ) -> Result<(KeyCommitted, Vec<ApiKeyEvent>), ApiKeyCommandError> {
-        if meta.idempotency_key.is_some()
-            && let Some((hash, first)) = self.store.recorded_command(&record.command_id).await?
-        {
-            if hash != record.request_hash {
-                return Err(StoreError::IdempotencyMismatch(record.command_id.clone()).into());
+        match execute(&self.store, request).await {
+            Ok(Outcome::Appended(a, events)) => Ok((key_committed(a)?, events)),
+            // A replay (or a concurrent identical first attempt that won): without our events.
+            Ok(Outcome::Replayed(a)) => Ok((key_committed(a)?, vec![])),
+            Ok(Outcome::NoOp { version, commit }) => {
+                let committed = KeyCommitted {
+                    key_id: key_of(&stream)?,
+                    version,
+                    commit: commit.ok_or(ApiKeyError::NotFound)?,
+                    replayed: false,
+                    no_op: true,
+                };
+                Ok((committed, vec![]))
             }
-            if let Some(first) = first {
-                return Ok((key_committed(first)?, vec![]));
+            Err(Failure::Rejected(e)) => Err(e.into()),
+            Err(Failure::Conflict { .. }) => {
+                Err(ApiKeyCommandError::Conflict { stream_id: stream })
             }
-        }
-
-        let recorded = self.store.read_stream(stream, 0, i64::MAX).await?;
-        let mut state = ApiKeyState::default();
-        for e in &recorded {
-            let event = ApiKeyEvent::from_stored(&e.event_type, &e.payload)
-                .map_err(|err| StoreError::Corrupt(err.to_string()))?;
-            state = ApiKey::evolve(state, &event);
-        }
-        let loaded = recorded.last().map_or(0, |e| e.stream_version);
-        let events = ApiKey::decide(&cmd, &state)?;
-        if events.is_empty() {
-            let commit = recorded
-                .last()
-                .map(|e| e.commit_token())
-                .ok_or(ApiKeyError::NotFound)?;
-            let committed = KeyCommitted {
-                key_id: key_of(stream)?,
-                version: loaded,
-                commit,
-                replayed: false,
-                no_op: true,
-            };
-            return Ok((committed, events));
-        }
-        let new_events: Vec<NewEvent> = events
-            .iter()
-            .map(|e| NewEvent {
-                event_id: Uuid::now_v7(),
-                event_type: e.event_type().to_owned(),
-                schema_version: 1,
-                payload: e.to_payload(),
-            })
-            .collect();
-        let metadata = Metadata {
-            tenant_id: meta.actor.tenant_id.clone(),
-            actor: meta.actor.user_id.clone(),
-            command_id: record.command_id.clone(),
-            correlation_id: meta.correlation_id.clone(),
-            causation_id: meta.causation_id,
-        };
-        let appended = self
-            .store
-            .append(
-                stream,
-                ExpectedVersion::Exact(loaded),
-                &new_events,
-                &metadata,
-                Some(record),
-            )
-            .await;
-        match appended {
-            // A concurrent identical first attempt won: its result, without our events.
-            Ok(a) if a.replayed => Ok((key_committed(a)?, vec![])),
-            Ok(a) => Ok((key_committed(a)?, events)),
-            Err(StoreError::Conflict { .. }) => Err(ApiKeyCommandError::Conflict {
-                stream_id: stream.to_owned(),
-            }),
-            Err(e) => Err(e.into()),
+            Err(Failure::Store(e)) => Err(e.into()),
         }
     }
 }

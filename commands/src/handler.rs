@@ -1,18 +1,12 @@
-//! Load → decide → append for conversations.
+//! Conversation commands (through the shared flow in `execute`).
 
+use crate::execute::{Failure, Outcome, Request, execute};
 use chrono::Utc;
 use nura_domain::conversation::{
-    Actor, Conversation, ConversationCommand, ConversationError, ConversationEvent,
-    ConversationState, stream_id,
+    Actor, Conversation, ConversationCommand, ConversationError, ConversationEvent, stream_id,
 };
-use nura_domain::{Aggregate, DomainEvent};
-use nura_store::{
-    Appended, CommandRecord, CommitToken, EventStore, ExpectedVersion, Metadata, NewEvent,
-    StoreError,
-};
+use nura_store::{Appended, CommitToken, EventStore, StoreError};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use tracing::Instrument;
 use uuid::Uuid;
 
 /// Longest accepted `Idempotency-Key`, in bytes.
@@ -186,154 +180,43 @@ impl CommandHandler {
         cmd: ConversationCommand,
     ) -> Result<Committed, CommandError> {
         let stream = stream_id(conversation_id);
-        let tenant = &meta.actor.tenant_id;
-        // The key is scoped by tenant; the length prefix keeps `a:b` + `c` apart from `a` + `b:c`.
-        let command_id = match &meta.idempotency_key {
-            Some(key) => format!("{}:{tenant}:{}", tenant.len(), key.as_str()),
-            None => format!("{}:{tenant}:{}", tenant.len(), Uuid::now_v7()),
+        let creates_stream = matches!(cmd, ConversationCommand::Start { .. });
+        let request = Request::<Conversation> {
+            name,
+            stream: stream.clone(),
+            path_id,
+            body,
+            meta,
+            cmd,
+            creates_stream,
+            event_id: event_id_of,
         };
-        let span = tracing::info_span!(
-            "command",
-            command = name,
-            stream = %stream,
-            command_id = %command_id,
-            correlation_id = %meta.correlation_id,
-        );
-        let record = CommandRecord {
-            request_hash: request_hash(tenant, name, path_id, body),
-            command_id,
-        };
-        let result = self
-            .run(&stream, &record, meta, cmd)
-            .instrument(span.clone())
-            .await;
-        let outcome = match &result {
-            Ok(c) if c.replayed => "replayed",
-            Ok(c) if c.event_ids.is_empty() => "no_op",
-            Ok(_) => "accepted",
-            Err(CommandError::Rejected(_)) => "rejected",
-            Err(CommandError::Conflict { .. }) => "conflict",
-            Err(CommandError::Store(_)) => "failed",
-        };
-        metrics::counter!("nura_commands_total", "command" => name, "outcome" => outcome)
-            .increment(1);
-        span.in_scope(|| match &result {
-            Err(CommandError::Store(e)) => tracing::warn!(error = %e, "command failed"),
-            _ => tracing::debug!(outcome, "command handled"),
-        });
-        result
-    }
-
-    async fn run(
-        &self,
-        stream: &str,
-        record: &CommandRecord,
-        meta: &CommandMeta,
-        cmd: ConversationCommand,
-    ) -> Result<Committed, CommandError> {
-        // A repeat is answered before deciding: the stream may have moved on since the first run
-        // (a message repeated after an archive must still return the first message id).
-        if meta.idempotency_key.is_some()
-            && let Some((hash, first)) = self.store.recorded_command(&record.command_id).await?
-        {
-            if hash != record.request_hash {
-                return Err(StoreError::IdempotencyMismatch(record.command_id.clone()).into());
-            }
-            if let Some(first) = first {
-                return committed(first);
-            }
-            // The first attempt is still in flight: append below waits for it and replays it.
-        }
-
-        // A start names a fresh UUIDv7 stream, so there is nothing to load: skip the read (the
-        // append's expected version 0 still refuses a stream that somehow exists).
-        let (state, loaded, last_commit) = if matches!(cmd, ConversationCommand::Start { .. }) {
-            (ConversationState::default(), 0, None)
-        } else {
-            self.load(stream).await?
-        };
-        if let Some(expected) = meta.expected_version
-            && expected != loaded
-        {
-            return Err(CommandError::Conflict {
-                stream_id: stream.to_owned(),
-                expected,
-                actual: loaded,
-            });
-        }
-        let events = Conversation::decide(&cmd, &state)?;
-        if events.is_empty() {
-            let commit = last_commit.ok_or(ConversationError::NotFound)?;
-            return Ok(Committed {
-                conversation_id: conversation_of(stream)?,
+        match execute(&self.store, request).await {
+            Ok(Outcome::Appended(a, _) | Outcome::Replayed(a)) => committed(a),
+            Ok(Outcome::NoOp { version, commit }) => Ok(Committed {
+                conversation_id: conversation_of(&stream)?,
                 event_ids: vec![],
-                version: loaded,
-                commit,
+                version,
+                commit: commit.ok_or(ConversationError::NotFound)?,
                 replayed: false,
-            });
-        }
-        let new_events: Vec<NewEvent> = events.iter().map(to_new_event).collect();
-        let metadata = Metadata {
-            tenant_id: meta.actor.tenant_id.clone(),
-            actor: meta.actor.user_id.clone(),
-            command_id: record.command_id.clone(),
-            correlation_id: meta.correlation_id.clone(),
-            causation_id: meta.causation_id,
-        };
-        let appended = self
-            .store
-            .append(
-                stream,
-                ExpectedVersion::Exact(loaded),
-                &new_events,
-                &metadata,
-                Some(record),
-            )
-            .await;
-        match appended {
-            Ok(a) => committed(a),
-            Err(StoreError::Conflict { .. }) => Err(CommandError::Conflict {
-                stream_id: stream.to_owned(),
-                expected: loaded,
-                actual: self.store.stream_version(stream).await?,
             }),
-            Err(e) => Err(e.into()),
+            Err(Failure::Rejected(e)) => Err(e.into()),
+            Err(Failure::Conflict { expected, actual }) => Err(CommandError::Conflict {
+                stream_id: stream,
+                expected,
+                actual,
+            }),
+            Err(Failure::Store(e)) => Err(e.into()),
         }
-    }
-
-    /// Folds the stream; returns the state, its version and the commit token of its last event.
-    async fn load(
-        &self,
-        stream: &str,
-    ) -> Result<(ConversationState, i64, Option<CommitToken>), CommandError> {
-        let recorded = self.store.read_stream(stream, 0, i64::MAX).await?;
-        let mut state = ConversationState::default();
-        for e in &recorded {
-            let event = ConversationEvent::from_stored(&e.event_type, &e.payload)
-                .map_err(|err| StoreError::Corrupt(err.to_string()))?;
-            state = Conversation::evolve(state, &event);
-        }
-        let last = recorded.last();
-        Ok((
-            state,
-            last.map_or(0, |e| e.stream_version),
-            last.map(|e| e.commit_token()),
-        ))
     }
 }
 
-fn to_new_event(event: &ConversationEvent) -> NewEvent {
-    let event_id = match event {
-        // The message id doubles as the event id, so a repeated post hands back the first id
-        // straight from the stored `Appended.event_ids`.
+/// The message id doubles as the event id, so a repeated post hands back the first id straight
+/// from the stored `Appended.event_ids`.
+fn event_id_of(event: &ConversationEvent) -> Uuid {
+    match event {
         ConversationEvent::MessagePosted { message_id, .. } => *message_id,
         _ => Uuid::now_v7(),
-    };
-    NewEvent {
-        event_id,
-        event_type: event.event_type().to_owned(),
-        schema_version: 1,
-        payload: event.to_payload(),
     }
 }
 
@@ -354,24 +237,6 @@ fn conversation_of(stream: &str) -> Result<Uuid, CommandError> {
         .ok_or_else(|| StoreError::Corrupt(format!("not a conversation stream: {stream}")).into())
 }
 
-/// sha256 over the tenant, the command name, the path id and the canonical body (serde_json
-/// writes object keys in a fixed order), each part length-prefixed so parts cannot run together.
-pub(crate) fn request_hash(
-    tenant: &str,
-    name: &str,
-    path_id: Option<Uuid>,
-    body: &Value,
-) -> Vec<u8> {
-    let path = path_id.map(|id| id.to_string()).unwrap_or_default();
-    let body = body.to_string();
-    let mut h = Sha256::new();
-    for part in [tenant, name, path.as_str(), body.as_str()] {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part.as_bytes());
-    }
-    h.finalize().to_vec()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,28 +253,5 @@ mod tests {
                 "{bad:?}"
             );
         }
-    }
-
-    #[test]
-    fn the_request_hash_changes_with_tenant_command_path_and_body() {
-        let id = Some(Uuid::from_u128(1));
-        let body = serde_json::json!({"text": "hi"});
-        let base = request_hash("acme", "PostMessage", id, &body);
-        assert_eq!(base, request_hash("acme", "PostMessage", id, &body));
-        assert_ne!(base, request_hash("evil", "PostMessage", id, &body));
-        assert_ne!(base, request_hash("acme", "Other", id, &body));
-        assert_ne!(
-            base,
-            request_hash("acme", "PostMessage", Some(Uuid::from_u128(2)), &body)
-        );
-        assert_ne!(
-            base,
-            request_hash(
-                "acme",
-                "PostMessage",
-                id,
-                &serde_json::json!({"text": "ho"})
-            )
-        );
     }
 }

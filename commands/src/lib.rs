@@ -1,9 +1,10 @@
 //! Command handling: the only place that loads a stream, decides and appends (DESIGN.md
 //! invariant 2), plus the command HTTP routes.
 //!
-//! * [`CommandHandler`] loads a conversation's events, folds them, lets the pure domain decide
-//!   and appends the outcome with `ExpectedVersion::Exact(loaded)` and an idempotency record, so
-//!   a concurrent writer loses with a conflict and a repeated command returns its first result.
+//! * One flow for every aggregate (`execute`) loads a stream's events, folds them, lets the pure
+//!   domain decide and appends the outcome with `ExpectedVersion::Exact(loaded)` and an
+//!   idempotency record, so a concurrent writer loses with a conflict and a repeated command
+//!   returns its first result. [`CommandHandler`] and [`api_keys::ApiKeyHandler`] run it.
 //! * [`router`] exposes the three conversation commands over HTTP; tenant and actor come only
 //!   from the authenticated [`nura_http::Principal`], never from a body.
 //!
@@ -17,6 +18,7 @@
 //! read-model tables.
 
 pub mod api_keys;
+mod execute;
 mod handler;
 pub mod routes;
 

@@ -299,3 +299,45 @@ async fn a_key_cannot_be_granted_admin_and_the_body_cannot_choose_tenant_or_acto
     .await
     .expect("test timed out");
 }
+
+/// `If-Match` holds for key commands as for conversations: a revoke against another version is
+/// a 409 and writes nothing; against the current one it goes through.
+#[tokio::test]
+async fn a_revoke_with_a_stale_if_match_is_a_conflict_and_writes_nothing() {
+    tokio::time::timeout(LIMIT, async {
+        let (_db, store) = env().await;
+        let admin = app(&store, principal("acme", "alice", &[Role::Admin]));
+        let (_, _, issued) = post(
+            &admin,
+            "/v1/api-keys",
+            Some(json!({"name": "ci", "roles": ["member"]})),
+            None,
+        )
+        .await;
+        let id = issued["key_id"].as_str().expect("id").to_owned();
+        let revoke = |version: &str| {
+            Request::post(format!("/v1/api-keys/{id}/revoke"))
+                .header("if-match", version)
+                .body(Body::empty())
+                .expect("request")
+        };
+        let res = admin
+            .clone()
+            .oneshot(revoke("5"))
+            .await
+            .expect("infallible");
+        assert_eq!(res.status(), StatusCode::CONFLICT);
+        let key_id = Uuid::parse_str(&id).expect("uuid");
+        let stream = nura_domain::api_key::stream_id(key_id);
+        assert_eq!(store.stream_version(&stream).await.expect("version"), 1);
+        let res = admin
+            .clone()
+            .oneshot(revoke("1"))
+            .await
+            .expect("infallible");
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(store.stream_version(&stream).await.expect("version"), 2);
+    })
+    .await
+    .expect("test timed out");
+}
