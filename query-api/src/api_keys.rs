@@ -4,8 +4,9 @@
 //! not an event.
 
 use crate::QueryConfig;
-use crate::consistency::{requested_token, wait_for};
-use crate::routes::{db_error, decode_cursor, encode_cursor, int_param, query_error};
+use crate::routes::{
+    AfterParam, ListParams, Listing, catch_up, db_error, keyset_page, query_error, status_filter,
+};
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -14,15 +15,13 @@ use axum::routing::get;
 use chrono::{DateTime, Utc};
 use nura_http::{ApiError, ApiJson, Principal, Role};
 use nura_store::EventStore;
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use uuid::Uuid;
 
 /// The projector whose checkpoints the API-key reads wait on for `?after=`.
 pub const API_KEYS_PROJECTOR: &str = "api_keys";
 
-const DEFAULT_PAGE: i64 = 50;
-const MAX_PAGE: i64 = 200;
 /// Only admins manage keys.
 const KEY_ADMINS: &[Role] = &[Role::Admin];
 
@@ -39,23 +38,6 @@ pub fn router(store: EventStore, config: QueryConfig) -> Router {
         .route("/v1/api-keys", get(list_keys))
         .route("/v1/api-keys/{id}", get(get_key))
         .with_state(KeysState { store, config })
-}
-
-#[derive(Debug, Deserialize)]
-// Unknown parameters (a `sort`, a misspelt filter) are refused, never silently ignored.
-#[serde(deny_unknown_fields)]
-struct ListParams {
-    status: Option<String>,
-    limit: Option<String>,
-    cursor: Option<String>,
-    after: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-// Unknown parameters (a `sort`, a misspelt filter) are refused, never silently ignored.
-#[serde(deny_unknown_fields)]
-struct AfterParam {
-    after: Option<String>,
 }
 
 /// One key as served: never the secret, never its hash.
@@ -85,38 +67,21 @@ async fn list_keys(
     principal.require_any(KEY_ADMINS)?;
     let Query(p) = params.map_err(query_error)?;
     s.catch_up(p.after.as_deref(), &headers).await?;
-    let status = match p.status.as_deref() {
-        None => None,
-        Some(st @ ("active" | "revoked")) => Some(st.to_owned()),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_status",
-                "status must be active or revoked",
-            ));
-        }
-    };
-    let limit = int_param(p.limit.as_deref(), "limit", DEFAULT_PAGE)?.clamp(1, MAX_PAGE);
-    let cursor = p.cursor.as_deref().map(decode_cursor).transpose()?;
-    let sql = format!(
-        "SELECT {KEY_COLUMNS} FROM read.api_keys \
-         WHERE tenant_id = $1 AND ($2::text IS NULL OR status = $2) \
-           AND ($3::uuid IS NULL OR key_id < $3) \
-         ORDER BY key_id DESC LIMIT $4"
-    );
-    let mut rows: Vec<KeyView> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(&principal.tenant_id)
-        .bind(status)
-        .bind(cursor)
-        .bind(limit + 1)
-        .fetch_all(s.store.pool())
-        .await
-        .map_err(db_error)?;
-    let more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    let next_cursor = more
-        .then(|| rows.last().map(|r| encode_cursor(r.key_id)))
-        .flatten();
-    Ok(ApiJson(json!({"items": rows, "next_cursor": next_cursor})))
+    let status = status_filter(p.status.as_deref(), &["active", "revoked"])?;
+    let page = keyset_page::<KeyView>(
+        s.store.pool(),
+        Listing {
+            columns: KEY_COLUMNS,
+            table: "read.api_keys",
+            id_column: "key_id",
+        },
+        &principal.tenant_id,
+        status,
+        &p,
+        |r| r.key_id,
+    )
+    .await?;
+    Ok(ApiJson(page))
 }
 
 async fn get_key(
@@ -150,17 +115,13 @@ impl KeysState {
         query_after: Option<&str>,
         headers: &HeaderMap,
     ) -> Result<(), ApiError> {
-        match requested_token(query_after, headers, self.store.partitions())? {
-            Some(token) => {
-                wait_for(
-                    self.store.pool(),
-                    API_KEYS_PROJECTOR,
-                    token,
-                    self.config.read_your_writes_timeout,
-                )
-                .await
-            }
-            None => Ok(()),
-        }
+        catch_up(
+            &self.store,
+            &self.config,
+            API_KEYS_PROJECTOR,
+            query_after,
+            headers,
+        )
+        .await
     }
 }

@@ -49,21 +49,23 @@ pub fn router(store: EventStore, config: QueryConfig) -> Router {
         .merge(crate::api_keys::router(store, config))
 }
 
+/// The parameters of a list route.
 #[derive(Debug, Deserialize)]
 // Unknown parameters (a `sort`, a misspelt filter) are refused, never silently ignored.
 #[serde(deny_unknown_fields)]
-struct ListParams {
-    status: Option<String>,
-    limit: Option<String>,
-    cursor: Option<String>,
-    after: Option<String>,
+pub(crate) struct ListParams {
+    pub status: Option<String>,
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
+    pub after: Option<String>,
 }
 
+/// The parameters of a single-item route.
 #[derive(Debug, Deserialize)]
 // Unknown parameters (a `sort`, a misspelt filter) are refused, never silently ignored.
 #[serde(deny_unknown_fields)]
-struct AfterParam {
-    after: Option<String>,
+pub(crate) struct AfterParam {
+    pub after: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,38 +114,21 @@ async fn list_conversations(
     principal.require_any(READERS)?;
     let Query(p) = params.map_err(query_error)?;
     s.catch_up(p.after.as_deref(), &headers).await?;
-    let status = match p.status.as_deref() {
-        None => None,
-        Some(st @ ("active" | "archived")) => Some(st.to_owned()),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_status",
-                "status must be active or archived",
-            ));
-        }
-    };
-    let limit = int_param(p.limit.as_deref(), "limit", DEFAULT_PAGE)?.clamp(1, MAX_PAGE);
-    let cursor = p.cursor.as_deref().map(decode_cursor).transpose()?;
-    let sql = format!(
-        "SELECT {CONVERSATION_COLUMNS} FROM read.conversations \
-         WHERE tenant_id = $1 AND ($2::text IS NULL OR status = $2) \
-           AND ($3::uuid IS NULL OR conversation_id < $3) \
-         ORDER BY conversation_id DESC LIMIT $4"
-    );
-    let mut rows: Vec<ConversationView> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(&principal.tenant_id)
-        .bind(status)
-        .bind(cursor)
-        .bind(limit + 1)
-        .fetch_all(s.store.pool())
-        .await
-        .map_err(db_error)?;
-    let more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    let next_cursor = more
-        .then(|| rows.last().map(|r| encode_cursor(r.conversation_id)))
-        .flatten();
-    Ok(ApiJson(json!({"items": rows, "next_cursor": next_cursor})))
+    let status = status_filter(p.status.as_deref(), &["active", "archived"])?;
+    let page = keyset_page::<ConversationView>(
+        s.store.pool(),
+        Listing {
+            columns: CONVERSATION_COLUMNS,
+            table: "read.conversations",
+            id_column: "conversation_id",
+        },
+        &principal.tenant_id,
+        status,
+        &p,
+        |r| r.conversation_id,
+    )
+    .await?;
+    Ok(ApiJson(page))
 }
 
 async fn get_conversation(
@@ -256,19 +241,96 @@ impl QueryState {
         query_after: Option<&str>,
         headers: &HeaderMap,
     ) -> Result<(), ApiError> {
-        match requested_token(query_after, headers, self.store.partitions())? {
-            Some(token) => {
-                wait_for(
-                    self.store.pool(),
-                    PROJECTOR,
-                    token,
-                    self.config.read_your_writes_timeout,
-                )
-                .await
-            }
-            None => Ok(()),
-        }
+        catch_up(&self.store, &self.config, PROJECTOR, query_after, headers).await
     }
+}
+
+/// Waits for `projector` to pass the request's commit token (`?after=` or the `Nura-After`
+/// header), if it names one.
+pub(crate) async fn catch_up(
+    store: &EventStore,
+    config: &QueryConfig,
+    projector: &str,
+    query_after: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    match requested_token(query_after, headers, store.partitions())? {
+        Some(token) => {
+            wait_for(
+                store.pool(),
+                projector,
+                token,
+                config.read_your_writes_timeout,
+            )
+            .await
+        }
+        None => Ok(()),
+    }
+}
+
+/// A `status` filter from an allow-list (anything else is a 400).
+pub(crate) fn status_filter(
+    raw: Option<&str>,
+    allowed: &[&str],
+) -> Result<Option<String>, ApiError> {
+    match raw {
+        None => Ok(None),
+        Some(st) if allowed.contains(&st) => Ok(Some(st.to_owned())),
+        Some(_) => Err(ApiError::bad_request(
+            "invalid_status",
+            format!("status must be {}", allowed.join(" or ")),
+        )),
+    }
+}
+
+/// Where a keyset-paginated list reads from: compile-time names only, never client input.
+pub(crate) struct Listing {
+    pub columns: &'static str,
+    pub table: &'static str,
+    /// A UUIDv7 column: pages run newest first, and the cursor is the last id of a page.
+    pub id_column: &'static str,
+}
+
+/// One page of a tenant's rows, newest first, optionally of one status:
+/// `{"items": [...], "next_cursor": ...}` (`next_cursor` is null on the last page).
+pub(crate) async fn keyset_page<T>(
+    pool: &sqlx::PgPool,
+    from: Listing,
+    tenant_id: &str,
+    status: Option<String>,
+    params: &ListParams,
+    id_of: fn(&T) -> Uuid,
+) -> Result<Value, ApiError>
+where
+    T: Serialize + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let limit = int_param(params.limit.as_deref(), "limit", DEFAULT_PAGE)?.clamp(1, MAX_PAGE);
+    let cursor = params.cursor.as_deref().map(decode_cursor).transpose()?;
+    let Listing {
+        columns,
+        table,
+        id_column: id,
+    } = from;
+    let sql = format!(
+        "SELECT {columns} FROM {table} \
+         WHERE tenant_id = $1 AND ($2::text IS NULL OR status = $2) \
+           AND ($3::uuid IS NULL OR {id} < $3) \
+         ORDER BY {id} DESC LIMIT $4"
+    );
+    let mut rows: Vec<T> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(tenant_id)
+        .bind(status)
+        .bind(cursor)
+        .bind(limit + 1)
+        .fetch_all(pool)
+        .await
+        .map_err(db_error)?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next_cursor = more
+        .then(|| rows.last().map(|r| encode_cursor(id_of(r))))
+        .flatten();
+    Ok(json!({"items": rows, "next_cursor": next_cursor}))
 }
 
 pub(crate) fn int_param(raw: Option<&str>, name: &str, default: i64) -> Result<i64, ApiError> {
