@@ -86,8 +86,13 @@ pub struct EventStore {
     notifier: Notifier,
 }
 
-const EVENT_COLUMNS: &str = "event_id, stream_id, stream_version, global_position, \
-    transaction_id::text::bigint AS transaction_id, partition, event_type, schema_version, payload, metadata, recorded_at";
+/// The envelope columns of `es.events e`. `transaction_id` is returned as a bigint under its own
+/// name, so every `ORDER BY` must name the table's columns (`e.transaction_id`): a bare name
+/// sorts by the bigint output column, which no index provides, and Postgres then sorts the whole
+/// rest of the log for every batch.
+const EVENT_COLUMNS: &str = "e.event_id, e.stream_id, e.stream_version, e.global_position, \
+    e.transaction_id::text::bigint AS transaction_id, e.partition, e.event_type, e.schema_version, \
+    e.payload, e.metadata, e.recorded_at";
 
 impl EventStore {
     /// Opens the store over a migrated database, reading its fixed partition count.
@@ -222,8 +227,8 @@ impl EventStore {
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM es.events WHERE stream_id = $1 AND stream_version > $2 \
-             ORDER BY stream_version LIMIT $3"
+            "SELECT {EVENT_COLUMNS} FROM es.events e WHERE e.stream_id = $1 AND e.stream_version > $2 \
+             ORDER BY e.stream_version LIMIT $3"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(stream_id)
@@ -243,10 +248,10 @@ impl EventStore {
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM es.events \
-             WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
-               AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY transaction_id, global_position LIMIT $3"
+            "SELECT {EVENT_COLUMNS} FROM es.events e \
+             WHERE (e.transaction_id, e.global_position) > ($1::bigint::text::xid8, $2) \
+               AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY e.transaction_id, e.global_position LIMIT $3"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(after.tx)
@@ -267,10 +272,10 @@ impl EventStore {
         up_to: Position,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM es.events WHERE partition = $1 \
-               AND (transaction_id, global_position) > ($2::bigint::text::xid8, $3) \
-               AND (transaction_id, global_position) <= ($4::bigint::text::xid8, $5) \
-             ORDER BY transaction_id, global_position"
+            "SELECT {EVENT_COLUMNS} FROM es.events e WHERE e.partition = $1 \
+               AND (e.transaction_id, e.global_position) > ($2::bigint::text::xid8, $3) \
+               AND (e.transaction_id, e.global_position) <= ($4::bigint::text::xid8, $5) \
+             ORDER BY e.transaction_id, e.global_position"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(partition)
@@ -309,7 +314,8 @@ impl EventStore {
     /// Fetches events by id (for retrying dead letters), in commit order.
     pub async fn events_by_id(&self, ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError> {
         let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM es.events WHERE event_id = ANY($1) ORDER BY transaction_id, global_position"
+            "SELECT {EVENT_COLUMNS} FROM es.events e WHERE e.event_id = ANY($1) \
+             ORDER BY e.transaction_id, e.global_position"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(ids)
