@@ -50,6 +50,8 @@ const GAUGE_REFRESH: Duration = Duration::from_secs(5);
 /// How long the leader keeps reading ahead in one publishing step before it checks its lock,
 /// the gauge and reconciliation again.
 const PUMP_TIME: Duration = Duration::from_secs(1);
+/// Batches the reader may have ready before the publisher takes them (one more is being read).
+const READ_AHEAD: usize = 2;
 /// Shortest time between two cursor writes while a backlog drains: a relay that dies republishes
 /// at most this much (JetStream's de-duplication and consumers absorb it), and publishing does
 /// not wait for a Postgres commit after every batch.
@@ -506,20 +508,15 @@ impl Relay {
         }
         let cursor = self.load_cursor().await?;
         let window_size = self.config.max_in_flight.max(1);
-        let mut reading = Some(self.read_ahead(cursor, self.last_in_partition.clone()));
+        let mut batches_read = self.read_ahead(cursor, max_batches, read_until);
         let mut window = FuturesOrdered::new();
         let mut acks = Acks::default();
-        let mut batches = 0usize;
         let mut caught_up = false;
         let mut last_save = Instant::now();
         let mut failure: Option<anyhow::Error> = None;
-        'read: while let Some(next) = reading.take() {
-            let batch = match next.await {
-                Ok(Ok(batch)) => batch,
-                Ok(Err(e)) => {
-                    failure = Some(anyhow::Error::new(e).context("reading the log"));
-                    break;
-                }
+        'read: while let Some(batch) = batches_read.recv().await {
+            let batch = match batch {
+                Ok(batch) => batch,
                 Err(e) => {
                     failure = Some(anyhow::Error::new(e).context("reading the log"));
                     break;
@@ -529,11 +526,8 @@ impl Relay {
                 caught_up = true;
                 break;
             };
-            batches += 1;
             if (batch.messages.len() as i64) < self.config.batch_size {
                 caught_up = true;
-            } else if batches < max_batches && read_until.is_none_or(|t| Instant::now() < t) {
-                reading = Some(self.read_ahead(last, batch.links.clone()));
             }
             for (subject, h, body) in batch.messages {
                 match self.js.publish_with_headers(subject, h, body).await {
@@ -602,20 +596,45 @@ impl Relay {
         })
     }
 
-    /// Starts reading and encoding the batch after `after`, whose partitions' previous links
-    /// start from `links`, in a task of its own.
+    /// Starts a task that reads and encodes up to `max_batches` batches after `after` (the
+    /// cursor, whose partition links are `last_in_partition`), each after the previous one,
+    /// staying at most [`READ_AHEAD`] batches ahead of the publisher. It stops after a batch that
+    /// is not full (the visible log is drained), after an error, once `read_until` has passed,
+    /// or when the receiver is dropped.
     fn read_ahead(
         &self,
         after: Position,
-        links: HashMap<i32, Position>,
-    ) -> tokio::task::JoinHandle<Result<Batch, nura_store::StoreError>> {
-        tokio::spawn(read_batch(
-            self.store.clone(),
-            self.topology.clone(),
-            after,
-            self.config.batch_size,
-            links,
-        ))
+        max_batches: usize,
+        read_until: Option<Instant>,
+    ) -> tokio::sync::mpsc::Receiver<Result<Batch, nura_store::StoreError>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let (store, topology) = (self.store.clone(), self.topology.clone());
+        let limit = self.config.batch_size;
+        let mut links = self.last_in_partition.clone();
+        tokio::spawn(async move {
+            let mut after = after;
+            for _ in 0..max_batches {
+                let batch =
+                    read_batch(&store, &topology, after, limit, std::mem::take(&mut links)).await;
+                let next = match &batch {
+                    Ok(b) if b.messages.len() as i64 >= limit => {
+                        b.last.map(|l| (l, b.links.clone()))
+                    }
+                    _ => None,
+                };
+                if tx.send(batch).await.is_err() {
+                    return;
+                }
+                match next {
+                    Some((l, ls)) if read_until.is_none_or(|t| Instant::now() < t) => {
+                        after = l;
+                        links = ls;
+                    }
+                    _ => return,
+                }
+            }
+        });
+        rx
     }
 
     /// Stores the newest fully acked batch as the cursor, with its partition links.
@@ -784,8 +803,8 @@ struct Batch {
 /// Reads the batch after `after` with [`EventStore::read_all_raw`], links each event to the
 /// previous one of its partition (starting from `links`, else from Postgres) and encodes it.
 async fn read_batch(
-    store: EventStore,
-    topology: Topology,
+    store: &EventStore,
+    topology: &Topology,
     after: Position,
     limit: i64,
     mut links: HashMap<i32, Position>,
