@@ -5,11 +5,15 @@
 //! dedicated connection, and writes its cursor through that same connection, so a relay that
 //! lost its lock can never move the cursor. Stand-bys retry every second.
 //!
-//! The leader reads batches with [`EventStore::read_all`] (commit order, never past the oldest
-//! open transaction), publishes them with `Nats-Msg-Id = event_id` and a window of outstanding
-//! PubAcks, and stores the `(transaction_id, global_position)` of the last event only after every
-//! ack of the batch arrived. A failed batch is retried whole after a back-off; JetStream's
-//! de-duplication window absorbs what was already stored, and consumers skip the rest.
+//! The leader reads batches with [`EventStore::read_all_raw`] (commit order, never past the
+//! oldest open transaction; payloads stay JSON text, written into the message body unparsed),
+//! publishes them with `Nats-Msg-Id = event_id` and a window of outstanding PubAcks, and stores
+//! the `(transaction_id, global_position)` of a batch's last event only after every ack up to it
+//! arrived. Draining a backlog is pipelined: the next batch is read and encoded while the
+//! current one's acks are in flight, one window spans batches, and cursor writes are coalesced.
+//! After a failure the newest wholly acked batch is stored and publishing resumes after it, with
+//! a back-off; JetStream's de-duplication window absorbs what was already stored, and consumers
+//! skip the rest.
 //!
 //! JetStream is not trusted to keep what it acked: a deleted stream is recreated and refilled
 //! from Postgres, and [`Relay::reconcile`] republishes messages the stream lost. A lost
@@ -20,15 +24,16 @@
 //! Limits: the de-duplication window is two minutes, so a relay that republishes older events
 //! (after a rewind) produces duplicates in the stream; consumers skip them by position.
 
-use crate::{Topology, encode, headers};
+use crate::{Topology, encode, encode_raw, headers};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use nura_store::{EventStore, Position, RecordedEvent};
+use nura_store::{EventStore, Position, RawEvent, RecordedEvent};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool};
 use sqlx::{ConnectOptions, Connection, Row};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +47,15 @@ const LEADERSHIP_CHECK: Duration = Duration::from_secs(1);
 const LOCK_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the oldest-open-transaction gauge is refreshed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
+/// How long the leader keeps reading ahead in one publishing step before it checks its lock,
+/// the gauge and reconciliation again.
+const PUMP_TIME: Duration = Duration::from_secs(1);
+/// Batches the reader may have ready before the publisher takes them (one more is being read).
+const READ_AHEAD: usize = 2;
+/// Shortest time between two cursor writes while a backlog drains: a relay that dies republishes
+/// at most this much (JetStream's de-duplication and consumers absorb it), and publishing does
+/// not wait for a Postgres commit after every batch.
+const CURSOR_SAVE_INTERVAL: Duration = Duration::from_millis(200);
 /// Back-off bounds after a failed batch.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -112,7 +126,12 @@ pub struct Relay {
 
 /// What one publishing step did.
 enum Step {
-    Published(usize),
+    /// `events` were published and acked (and the cursor stored after them); `caught_up` when
+    /// the last read found no full batch, i.e. the visible log is drained.
+    Published {
+        events: usize,
+        caught_up: bool,
+    },
     Idle,
     /// The stream was gone: it was recreated and the cursor went back to zero.
     Rewound,
@@ -234,8 +253,20 @@ impl Relay {
     /// there was nothing to publish, or when the stream was gone and has just been recreated
     /// with the cursor rewound to zero — the next call republishes from the start).
     pub async fn publish_batch(&mut self) -> anyhow::Result<usize> {
-        Ok(match self.step().await? {
-            Step::Published(n) => n,
+        Ok(match self.step(1, None).await? {
+            Step::Published { events, .. } => events,
+            Step::Idle | Step::Rewound => 0,
+        })
+    }
+
+    /// Like [`Relay::publish_batch`] but publishes everything readable after the cursor, the
+    /// way the leader drains a backlog: the next batch is read while the current one's acks
+    /// are in flight, one window of acks spans batches, and the cursor is stored after fully
+    /// acked batches. Returns when a read finds no full batch (so it never returns while
+    /// appends keep every read full: for tests and tools, not for a live log).
+    pub async fn publish_backlog(&mut self) -> anyhow::Result<usize> {
+        Ok(match self.step(usize::MAX, None).await? {
+            Step::Published { events, .. } => events,
             Step::Idle | Step::Rewound => 0,
         })
     }
@@ -363,9 +394,11 @@ impl Relay {
                 next_reconcile = Instant::now() + self.config.reconcile_interval;
             }
             let started = Instant::now();
+            // Bounded in time, so the lock check, the gauge and reconciliation still run while
+            // a large backlog drains.
             let step = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                s = self.step() => s,
+                s = self.step(usize::MAX, Some(started + PUMP_TIME)) => s,
             };
             match step {
                 Ok(s) => {
@@ -374,10 +407,10 @@ impl Relay {
                         failures = 0;
                     }
                     match s {
-                        Step::Published(n) => {
+                        Step::Published { caught_up, .. } => {
                             metrics::histogram!("nura_relay_batch_seconds")
                                 .record(started.elapsed().as_secs_f64());
-                            if n as i64 >= self.config.batch_size {
+                            if !caught_up {
                                 continue;
                             }
                         }
@@ -440,7 +473,21 @@ impl Relay {
         self.last_in_partition.clear();
     }
 
-    async fn step(&mut self) -> anyhow::Result<Step> {
+    /// Publishes at most `max_batches` batches after the cursor, reading ahead only until
+    /// `read_until`, and returns once their acks are in.
+    ///
+    /// The next batch is read and encoded in a task of its own while the current one is
+    /// published, and one window of at most `max_in_flight` PubAcks spans batches. Acks are
+    /// awaited in publish order, so once a batch's last ack arrived every event up to it is in
+    /// the stream and its last position may become the cursor. Cursor writes are coalesced (at
+    /// most one per [`CURSOR_SAVE_INTERVAL`], and one at the end); on a failure the newest fully
+    /// acked batch is stored before the error is returned, so the retry resumes right after it
+    /// and never past an unacked event.
+    async fn step(
+        &mut self,
+        max_batches: usize,
+        read_until: Option<Instant>,
+    ) -> anyhow::Result<Step> {
         if !self.stream_checked {
             // A stream that vanished while no relay ran must be refilled from the start, not
             // from the stored cursor.
@@ -460,76 +507,154 @@ impl Relay {
             }
         }
         let cursor = self.load_cursor().await?;
-        let events = self.store.read_all(cursor, self.config.batch_size).await?;
-        let Some(last) = events.last().map(RecordedEvent::position) else {
-            return Ok(Step::Idle);
-        };
-        // Links are computed on a copy: a failed batch must leave the chain where the cursor is.
-        let mut links = self.last_in_partition.clone();
-        let mut prevs = Vec::with_capacity(events.len());
-        for event in &events {
-            let prev = match links.get(&event.partition) {
-                Some(p) => Some(*p),
-                None => {
-                    self.store
-                        .previous_in_partition(event.partition, event.position())
-                        .await?
-                }
-            };
-            links.insert(event.partition, event.position());
-            prevs.push(prev);
-        }
-        let mut in_flight = FuturesOrdered::new();
-        let mut failure = None;
-        'publish: for (event, prev) in events.iter().zip(prevs) {
-            let (h, body) = encode(event, prev);
-            match self
-                .js
-                .publish_with_headers(self.topology.subject(event), h, body)
-                .await
-            {
-                Ok(ack) => in_flight.push_back(ack.into_future()),
+        let window_size = self.config.max_in_flight.max(1);
+        let mut batches_read = self.read_ahead(cursor, max_batches, read_until);
+        let mut window = FuturesOrdered::new();
+        let mut acks = Acks::default();
+        let mut caught_up = false;
+        let mut last_save = Instant::now();
+        let mut failure: Option<anyhow::Error> = None;
+        'read: while let Some(batch) = batches_read.recv().await {
+            let batch = match batch {
+                Ok(batch) => batch,
                 Err(e) => {
-                    failure = Some(e);
-                    break 'publish;
-                }
-            }
-            while in_flight.len() >= self.config.max_in_flight.max(1) {
-                if let Some(Err(e)) = in_flight.next().await {
-                    failure = Some(e);
-                    break 'publish;
-                }
-            }
-        }
-        if failure.is_none() {
-            while let Some(r) = in_flight.next().await {
-                if let Err(e) = r {
-                    failure = Some(e);
+                    failure = Some(anyhow::Error::new(e).context("reading the log"));
                     break;
                 }
+            };
+            let Some(last) = batch.last else {
+                caught_up = true;
+                break;
+            };
+            if (batch.messages.len() as i64) < self.config.batch_size {
+                caught_up = true;
+            }
+            for (subject, h, body) in batch.messages {
+                match self.js.publish_with_headers(subject, h, body).await {
+                    Ok(ack) => window.push_back(ack.into_future()),
+                    Err(e) => {
+                        failure = Some(e.into());
+                        break 'read;
+                    }
+                }
+                acks.published += 1;
+                while window.len() >= window_size {
+                    match window.next().await {
+                        Some(Ok(_)) => acks.acked(),
+                        Some(Err(e)) => {
+                            failure = Some(e.into());
+                            break 'read;
+                        }
+                        None => break,
+                    }
+                    if last_save.elapsed() >= CURSOR_SAVE_INTERVAL && acks.complete.is_some() {
+                        if let Err(e) = self.store_acked(&mut acks).await {
+                            failure = Some(e);
+                            break 'read;
+                        }
+                        last_save = Instant::now();
+                    }
+                }
+            }
+            acks.batch_published(last, batch.links);
+        }
+        if failure.is_none() {
+            while let Some(r) = window.next().await {
+                match r {
+                    Ok(_) => acks.acked(),
+                    Err(e) => {
+                        failure = Some(e.into());
+                        break;
+                    }
+                }
             }
         }
+        // Whatever happened, what was fully acked is kept.
+        let stored = self.store_acked(&mut acks).await;
         if let Some(e) = failure {
-            if e.kind() == PublishErrorKind::StreamNotFound {
+            if let Err(se) = stored {
+                tracing::warn!(relay = %self.config.name, error = %format!("{se:#}"), "could not store the cursor after a failed batch");
+            }
+            if e.downcast_ref::<jetstream::context::PublishError>()
+                .is_some_and(|pe| pe.kind() == PublishErrorKind::StreamNotFound)
+            {
                 return self.stream_lost(e).await;
             }
-            return Err(anyhow::Error::new(e).context(format!(
-                "publishing {} events after {cursor} to stream {}",
-                events.len(),
+            return Err(e.context(format!(
+                "publishing after {} to stream {}",
+                self.cursor.unwrap_or(cursor),
                 self.topology.stream
             )));
         }
+        stored?;
+        if acks.stored_events == 0 {
+            return Ok(Step::Idle);
+        }
+        Ok(Step::Published {
+            events: acks.stored_events,
+            caught_up,
+        })
+    }
+
+    /// Starts a task that reads and encodes up to `max_batches` batches after `after` (the
+    /// cursor, whose partition links are `last_in_partition`), each after the previous one,
+    /// staying at most [`READ_AHEAD`] batches ahead of the publisher. It stops after a batch that
+    /// is not full (the visible log is drained), after an error, once `read_until` has passed,
+    /// or when the receiver is dropped.
+    fn read_ahead(
+        &self,
+        after: Position,
+        max_batches: usize,
+        read_until: Option<Instant>,
+    ) -> tokio::sync::mpsc::Receiver<Result<Batch, nura_store::StoreError>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let (store, topology) = (self.store.clone(), self.topology.clone());
+        let limit = self.config.batch_size;
+        let mut links = self.last_in_partition.clone();
+        tokio::spawn(async move {
+            let mut after = after;
+            for _ in 0..max_batches {
+                let batch =
+                    read_batch(&store, &topology, after, limit, std::mem::take(&mut links)).await;
+                let next = match &batch {
+                    Ok(b) if b.messages.len() as i64 >= limit => {
+                        b.last.map(|l| (l, b.links.clone()))
+                    }
+                    _ => None,
+                };
+                if tx.send(batch).await.is_err() {
+                    return;
+                }
+                match next {
+                    Some((l, ls)) if read_until.is_none_or(|t| Instant::now() < t) => {
+                        after = l;
+                        links = ls;
+                    }
+                    _ => return,
+                }
+            }
+        });
+        rx
+    }
+
+    /// Stores the newest fully acked batch as the cursor, with its partition links.
+    async fn store_acked(&mut self, acks: &mut Acks) -> anyhow::Result<()> {
+        let Some((last, links, events)) = acks.complete.take() else {
+            return Ok(());
+        };
         self.save_cursor(last).await?;
         self.last_in_partition = links;
-        metrics::counter!("nura_relay_published_total").increment(events.len() as u64);
-        Ok(Step::Published(events.len()))
+        let newly = events - acks.stored_events;
+        acks.stored_events = events;
+        metrics::counter!("nura_relay_published_total").increment(newly as u64);
+        Ok(())
     }
 
     /// A publish found no stream: recreate it and rewind, unless the stream exists and simply
     /// does not capture our subjects (a configuration error that rewinding would not fix).
-    async fn stream_lost(&mut self, e: jetstream::context::PublishError) -> anyhow::Result<Step> {
+    async fn stream_lost(&mut self, e: anyhow::Error) -> anyhow::Result<Step> {
         match self.js.get_stream(&self.topology.stream).await {
-            Ok(_) => Err(anyhow::Error::new(e).context(format!(
+            Ok(_) => Err(e.context(format!(
                 "stream {} exists but does not capture subjects {}.>",
                 self.topology.stream, self.topology.subject_prefix
             ))),
@@ -662,6 +787,82 @@ impl Relay {
                 .await?;
         }
         Ok(events.len())
+    }
+}
+
+/// A batch read after some position, encoded and ready to publish.
+struct Batch {
+    /// `(subject, headers, body)` of each event, in commit order.
+    messages: Vec<(String, HeaderMap, Bytes)>,
+    /// The position of the last event; `None` when nothing was readable.
+    last: Option<Position>,
+    /// Each partition's last position once this batch is published: the next batch's links.
+    links: HashMap<i32, Position>,
+}
+
+/// Reads the batch after `after` with [`EventStore::read_all_raw`], links each event to the
+/// previous one of its partition (starting from `links`, else from Postgres) and encodes it.
+async fn read_batch(
+    store: &EventStore,
+    topology: &Topology,
+    after: Position,
+    limit: i64,
+    mut links: HashMap<i32, Position>,
+) -> Result<Batch, nura_store::StoreError> {
+    let events = store.read_all_raw(after, limit).await?;
+    let mut messages = Vec::with_capacity(events.len());
+    for event in &events {
+        let prev = match links.get(&event.partition) {
+            Some(p) => Some(*p),
+            None => {
+                store
+                    .previous_in_partition(event.partition, event.position())
+                    .await?
+            }
+        };
+        links.insert(event.partition, event.position());
+        let (h, body) = encode_raw(event, prev);
+        messages.push((topology.raw_subject(event), h, body));
+    }
+    Ok(Batch {
+        messages,
+        last: events.last().map(RawEvent::position),
+        links,
+    })
+}
+
+/// Ack bookkeeping of one publishing step. Acks are awaited in publish order, so counting them
+/// tells which batches are wholly in the stream.
+#[derive(Default)]
+struct Acks {
+    /// Messages published so far.
+    published: usize,
+    /// Acks received so far (each for the oldest unacknowledged message).
+    acked: usize,
+    /// Published batches not yet wholly acked, oldest first: last position, partition links
+    /// after the batch, and the `published` count at the batch's end.
+    open: VecDeque<(Position, HashMap<i32, Position>, usize)>,
+    /// The newest wholly acked batch whose position is not stored yet.
+    complete: Option<(Position, HashMap<i32, Position>, usize)>,
+    /// Events up to the stored cursor.
+    stored_events: usize,
+}
+
+impl Acks {
+    fn batch_published(&mut self, last: Position, links: HashMap<i32, Position>) {
+        self.open.push_back((last, links, self.published));
+        self.close_acked();
+    }
+
+    fn acked(&mut self) {
+        self.acked += 1;
+        self.close_acked();
+    }
+
+    fn close_acked(&mut self) {
+        while self.open.front().is_some_and(|b| b.2 <= self.acked) {
+            self.complete = self.open.pop_front();
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
-use nura_store::{Position, RecordedEvent};
+use nura_store::{CommitToken, Position, RawEvent, RecordedEvent};
 use std::time::Duration;
 
 /// Header names carried by every event message, so integrations can filter without parsing.
@@ -55,13 +55,20 @@ impl Topology {
 
     /// The subject an event is published on.
     pub fn subject(&self, event: &RecordedEvent) -> String {
+        self.subject_of(&event.stream_id, event.partition, &event.event_type)
+    }
+
+    /// The subject a [`RawEvent`] is published on (the same as [`Topology::subject`]).
+    pub fn raw_subject(&self, event: &RawEvent) -> String {
+        self.subject_of(&event.stream_id, event.partition, &event.event_type)
+    }
+
+    fn subject_of(&self, stream_id: &str, partition: i32, event_type: &str) -> String {
         format!(
-            "{}.{}.{}.{}.{}",
+            "{}.{}.{}.{partition}.{event_type}",
             self.subject_prefix,
-            nura_domain::context_of(&event.stream_id),
-            nura_domain::aggregate_of(&event.stream_id),
-            event.partition,
-            event.event_type
+            nura_domain::context_of(stream_id),
+            nura_domain::aggregate_of(stream_id),
         )
     }
 
@@ -93,24 +100,58 @@ impl Topology {
 /// Encodes an event for publishing: headers carry the envelope fields, the body is the whole
 /// envelope as JSON. `prev` is the position of the previous event in the same partition.
 pub fn encode(event: &RecordedEvent, prev: Option<Position>) -> (HeaderMap, Bytes) {
+    let h = envelope_headers(
+        event.event_id,
+        &event.event_type,
+        &event.stream_id,
+        event.stream_version,
+        &event.metadata.tenant_id,
+        event.commit_token(),
+        prev,
+    );
+    let body = serde_json::to_vec(event).expect("events serialize");
+    (h, Bytes::from(body))
+}
+
+/// [`encode`] for a [`RawEvent`]: the same headers, and a body that [`decode`] turns into the
+/// same `RecordedEvent`, written without parsing `payload` or `metadata`.
+pub fn encode_raw(event: &RawEvent, prev: Option<Position>) -> (HeaderMap, Bytes) {
+    let h = envelope_headers(
+        event.event_id,
+        &event.event_type,
+        &event.stream_id,
+        event.stream_version,
+        &event.tenant_id,
+        event.commit_token(),
+        prev,
+    );
+    let body = serde_json::to_vec(event).expect("events serialize");
+    (h, Bytes::from(body))
+}
+
+fn envelope_headers(
+    event_id: uuid::Uuid,
+    event_type: &str,
+    stream_id: &str,
+    stream_version: i64,
+    tenant_id: &str,
+    commit: CommitToken,
+    prev: Option<Position>,
+) -> HeaderMap {
     let mut h = HeaderMap::new();
-    let id = event.event_id.to_string();
+    let id = event_id.to_string();
     h.insert(headers::MSG_ID, id.as_str());
     h.insert(headers::EVENT_ID, id.as_str());
-    h.insert(headers::EVENT_TYPE, event.event_type.as_str());
-    h.insert(headers::STREAM_ID, event.stream_id.as_str());
-    h.insert(
-        headers::STREAM_VERSION,
-        event.stream_version.to_string().as_str(),
-    );
-    h.insert(headers::TENANT_ID, event.metadata.tenant_id.as_str());
-    h.insert(headers::COMMIT, event.commit_token().to_string().as_str());
+    h.insert(headers::EVENT_TYPE, event_type);
+    h.insert(headers::STREAM_ID, stream_id);
+    h.insert(headers::STREAM_VERSION, stream_version.to_string().as_str());
+    h.insert(headers::TENANT_ID, tenant_id);
+    h.insert(headers::COMMIT, commit.to_string().as_str());
     h.insert(
         headers::PREV,
         prev.map(|p| p.to_string()).unwrap_or_default().as_str(),
     );
-    let body = serde_json::to_vec(event).expect("events serialize");
-    (h, Bytes::from(body))
+    h
 }
 
 /// An event as received from JetStream, with the previous link of its partition chain.

@@ -206,6 +206,171 @@ async fn the_cursor_does_not_move_when_jetstream_refuses_part_of_a_batch() {
     .expect("test timed out");
 }
 
+#[tokio::test]
+async fn the_raw_encoding_decodes_into_the_same_event_with_the_same_headers() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let env = env().await;
+        let ids = append_spread(&env.store, 3, 2).await;
+        // Metadata as an older writer may have stored it: a missing field and an unknown one.
+        sqlx::query(
+            "UPDATE es.events SET metadata = metadata - 'correlation_id' || '{\"extra\": [1, 2]}' \
+             WHERE event_id = $1",
+        )
+        .bind(ids[0])
+        .execute(env.store.pool())
+        .await
+        .expect("odd metadata");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let (parsed, raw) = loop {
+            let parsed = env.store.read_all(Position::ZERO, 100).await.expect("read");
+            let raw = env
+                .store
+                .read_all_raw(Position::ZERO, 100)
+                .await
+                .expect("raw");
+            if parsed.len() == ids.len() && raw.len() == ids.len() {
+                break (parsed, raw);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "events not readable"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let prev = Some(Position { tx: 1, pos: 2 });
+        for (p, r) in parsed.iter().zip(&raw) {
+            assert_eq!(r.tenant_id, p.metadata.tenant_id);
+            assert_eq!(env.topology.raw_subject(r), env.topology.subject(p));
+            let (h, body) = nura_nats::encode_raw(r, prev);
+            let (want_h, want_body) = nura_nats::encode(p, prev);
+            assert_eq!(
+                nura_nats::decode(Some(&h), &body).expect("raw body decodes"),
+                nura_nats::decode(Some(&want_h), &want_body).expect("body decodes"),
+            );
+            let names = |h: &async_nats::HeaderMap| {
+                let mut v: Vec<(String, String)> = h
+                    .iter()
+                    .flat_map(|(k, vs)| {
+                        let k: &str = k.as_ref();
+                        vs.iter()
+                            .map(move |v| (k.to_owned(), v.as_str().to_owned()))
+                    })
+                    .collect();
+                v.sort();
+                v
+            };
+            assert_eq!(names(&h), names(&want_h));
+        }
+        assert_eq!(parsed[0].metadata.correlation_id, "");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_backlog_is_published_in_commit_order_across_pipelined_batches() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let env = env().await;
+        let ids = append_spread(&env.store, 12, 10).await;
+        // Batches smaller than the window: acks of several batches are in flight at once.
+        let mut relay = env.relay(7);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut published = 0;
+        while published < ids.len() {
+            published += relay.publish_backlog().await.expect("publish backlog");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "published {published}"
+            );
+        }
+        assert_eq!(published, ids.len());
+        assert_eq!(relay.publish_backlog().await.expect("idle"), 0);
+
+        let seen = read_stream(&env.js, &env.topology.stream).await;
+        let stored = stored_ids(&env.store).await;
+        let v = compare(&stored, &seen);
+        println!("verdict: {v:?}");
+        assert_eq!((v.lost, v.duplicated, v.unknown), (0, 0, 0));
+        let in_stream: Vec<String> = seen.iter().map(|s| s.event_id.clone()).collect();
+        let in_pg: Vec<String> = stored.iter().map(Uuid::to_string).collect();
+        assert_eq!(in_stream, in_pg, "stream order is commit order");
+        assert_headers_and_chains(&env.topology, &seen);
+        let last = seen.last().expect("messages").delivered.event.position();
+        assert_eq!(cursor(&env.store, "relay").await, Some((last.tx, last.pos)));
+        env.cleanup().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_failure_while_later_batches_are_in_flight_stores_only_wholly_acked_batches() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let env = env().await;
+        // The stream takes 35 messages: batches of 10 with 16 acks in flight means batch 4 fails
+        // while batch 5 is already read (and maybe published) and batches 1-3 are acked.
+        let mut config = env.topology.stream_config();
+        config.max_messages = 35;
+        config.discard = stream::DiscardPolicy::New;
+        env.js.create_stream(config.clone()).await.expect("create");
+        let stream_id = new_stream_id();
+        let ids = append_n(&env.store, &stream_id, 100).await;
+
+        let mut relay = env.relay(10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut published = 0;
+        loop {
+            match relay.publish_backlog().await {
+                Err(_) => break,
+                // Another test's open transaction held a read back: carry on from there.
+                Ok(n) => published += n,
+            }
+            assert!(published <= 35, "published {published} into a stream that takes 35");
+            assert!(tokio::time::Instant::now() < deadline, "never failed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(env.stream_messages().await, 35);
+        // The cursor is at a batch end, every event up to it is in the stream, and at most one
+        // batch of what the stream took is not covered yet (it was not wholly acked).
+        let stored = stored_ids(&env.store).await;
+        let (tx, pos) = cursor(&env.store, "relay").await.expect("cursor stored");
+        let at: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM es.events WHERE (transaction_id, global_position) <= ($1::text::xid8, $2)",
+        )
+        .bind(tx.to_string())
+        .bind(pos)
+        .fetch_one(env.store.pool())
+        .await
+        .expect("count");
+        assert!((26..=35).contains(&at), "cursor after {at} events");
+        let seen = read_stream(&env.js, &env.topology.stream).await;
+        let in_stream: Vec<String> = seen.iter().map(|s| s.event_id.clone()).collect();
+        for id in &stored[..at as usize] {
+            assert!(in_stream.contains(&id.to_string()), "{id} below the cursor is in the stream");
+        }
+
+        // Once the stream takes more, the retry resumes after the cursor: nothing lost, and the
+        // events the stream took past the cursor are de-duplicated, not stored twice.
+        config.max_messages = -1;
+        env.js.update_stream(config).await.expect("lift the limit");
+        let mut published = 0;
+        while published < ids.len() - at as usize {
+            published += relay.publish_backlog().await.expect("publish backlog");
+            assert!(tokio::time::Instant::now() < deadline, "published {published}");
+        }
+        let seen = read_stream(&env.js, &env.topology.stream).await;
+        let v = compare(&stored, &seen);
+        println!("verdict: {v:?}");
+        assert_eq!((v.delivered, v.lost, v.duplicated), (100, 0, 0));
+        assert_headers_and_chains(&env.topology, &seen);
+        let last = seen[99].delivered.event.position();
+        assert_eq!(cursor(&env.store, "relay").await, Some((last.tx, last.pos)));
+        env.cleanup().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_relay_stands_by_while_the_first_holds_the_lock_and_takes_over_when_it_stops() {
     tokio::time::timeout(TEST_TIMEOUT, async {

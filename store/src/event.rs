@@ -203,6 +203,47 @@ impl RecordedEvent {
     }
 }
 
+/// An event as stored, with its payload and metadata kept as the JSON text Postgres returned,
+/// for readers that pass events on rather than interpret them (the relay). Serializes to the same
+/// JSON object as [`RecordedEvent`] (same fields, same order), so the body deserializes into the
+/// `RecordedEvent` read by [`crate::EventStore::read_all`]; only whitespace inside `payload` and
+/// `metadata` may differ.
+#[derive(Debug, Clone, Serialize)]
+pub struct RawEvent {
+    pub event_id: Uuid,
+    pub stream_id: String,
+    pub stream_version: i64,
+    pub global_position: i64,
+    pub transaction_id: i64,
+    pub partition: i32,
+    pub event_type: String,
+    pub schema_version: i32,
+    pub payload: Box<serde_json::value::RawValue>,
+    pub metadata: Box<serde_json::value::RawValue>,
+    pub recorded_at: DateTime<Utc>,
+    /// `metadata.tenant_id` as text (empty when absent), so headers need not parse `metadata`.
+    #[serde(skip)]
+    pub tenant_id: String,
+}
+
+impl RawEvent {
+    /// The event's place in commit order.
+    pub fn position(&self) -> Position {
+        Position {
+            tx: self.transaction_id,
+            pos: self.global_position,
+        }
+    }
+
+    /// The commit token of this event.
+    pub fn commit_token(&self) -> CommitToken {
+        CommitToken {
+            position: self.position(),
+            partition: self.partition,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

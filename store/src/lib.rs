@@ -15,7 +15,7 @@ mod group;
 mod postgres;
 
 pub use event::{
-    Appended, CommandRecord, CommitToken, ExpectedVersion, Metadata, NewEvent, Position,
+    Appended, CommandRecord, CommitToken, ExpectedVersion, Metadata, NewEvent, Position, RawEvent,
     RecordedEvent, partition_of,
 };
 pub use postgres::{EventStore, NOTIFY_CHANNEL, StoreError};

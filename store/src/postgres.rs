@@ -1,7 +1,7 @@
 //! The Postgres backend of the event store.
 
 use crate::event::{
-    Appended, CommandRecord, CommitToken, ExpectedVersion, Metadata, NewEvent, Position,
+    Appended, CommandRecord, CommitToken, ExpectedVersion, Metadata, NewEvent, Position, RawEvent,
     RecordedEvent, partition_of,
 };
 use crate::group::{AppendRequest, GroupCommit};
@@ -86,8 +86,13 @@ pub struct EventStore {
     notifier: Notifier,
 }
 
-const EVENT_COLUMNS: &str = "event_id, stream_id, stream_version, global_position, \
-    transaction_id::text::bigint AS transaction_id, partition, event_type, schema_version, payload, metadata, recorded_at";
+/// The envelope columns of `es.events e`. `transaction_id` is returned as a bigint under its own
+/// name, so every `ORDER BY` must name the table's columns (`e.transaction_id`): a bare name
+/// sorts by the bigint output column, which no index provides, and Postgres then sorts the whole
+/// rest of the log for every batch.
+const EVENT_COLUMNS: &str = "e.event_id, e.stream_id, e.stream_version, e.global_position, \
+    e.transaction_id::text::bigint AS transaction_id, e.partition, e.event_type, e.schema_version, \
+    e.payload, e.metadata, e.recorded_at";
 
 impl EventStore {
     /// Opens the store over a migrated database, reading its fixed partition count.
@@ -222,8 +227,8 @@ impl EventStore {
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM es.events WHERE stream_id = $1 AND stream_version > $2 \
-             ORDER BY stream_version LIMIT $3"
+            "SELECT {EVENT_COLUMNS} FROM es.events e WHERE e.stream_id = $1 AND e.stream_version > $2 \
+             ORDER BY e.stream_version LIMIT $3"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(stream_id)
@@ -243,10 +248,10 @@ impl EventStore {
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM es.events \
-             WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
-               AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY transaction_id, global_position LIMIT $3"
+            "SELECT {EVENT_COLUMNS} FROM es.events e \
+             WHERE (e.transaction_id, e.global_position) > ($1::bigint::text::xid8, $2) \
+               AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY e.transaction_id, e.global_position LIMIT $3"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(after.tx)
@@ -255,6 +260,31 @@ impl EventStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(decode_event).collect()
+    }
+
+    /// [`EventStore::read_all`] for readers that pass events on: the same rows, in the same
+    /// order, with the same stop before the oldest open transaction, but `payload` and `metadata`
+    /// stay JSON text (no `serde_json::Value` is built) and `tenant_id` comes from Postgres.
+    pub async fn read_all_raw(
+        &self,
+        after: Position,
+        limit: i64,
+    ) -> Result<Vec<RawEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT e.event_id, e.stream_id, e.stream_version, e.global_position, \
+                    e.transaction_id::text::bigint, e.partition, e.event_type, e.schema_version, \
+                    e.payload, e.metadata, e.recorded_at, coalesce(e.metadata->>'tenant_id', '') \
+             FROM es.events e \
+             WHERE (e.transaction_id, e.global_position) > ($1::bigint::text::xid8, $2) \
+               AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY e.transaction_id, e.global_position LIMIT $3",
+        )
+        .bind(after.tx)
+        .bind(after.pos)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode_raw_event).collect()
     }
 
     /// Reads one partition's events in `(after, up_to]`, in commit order. Used to fill a hole
@@ -267,10 +297,10 @@ impl EventStore {
         up_to: Position,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM es.events WHERE partition = $1 \
-               AND (transaction_id, global_position) > ($2::bigint::text::xid8, $3) \
-               AND (transaction_id, global_position) <= ($4::bigint::text::xid8, $5) \
-             ORDER BY transaction_id, global_position"
+            "SELECT {EVENT_COLUMNS} FROM es.events e WHERE e.partition = $1 \
+               AND (e.transaction_id, e.global_position) > ($2::bigint::text::xid8, $3) \
+               AND (e.transaction_id, e.global_position) <= ($4::bigint::text::xid8, $5) \
+             ORDER BY e.transaction_id, e.global_position"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(partition)
@@ -309,7 +339,8 @@ impl EventStore {
     /// Fetches events by id (for retrying dead letters), in commit order.
     pub async fn events_by_id(&self, ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError> {
         let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM es.events WHERE event_id = ANY($1) ORDER BY transaction_id, global_position"
+            "SELECT {EVENT_COLUMNS} FROM es.events e WHERE e.event_id = ANY($1) \
+             ORDER BY e.transaction_id, e.global_position"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(ids)
@@ -537,5 +568,23 @@ fn decode_event(row: &PgRow) -> Result<RecordedEvent, StoreError> {
         payload: row.try_get("payload")?,
         metadata: metadata.0,
         recorded_at: row.try_get("recorded_at")?,
+    })
+}
+
+fn decode_raw_event(row: &PgRow) -> Result<RawEvent, StoreError> {
+    let corrupt = |what: &str, e: sqlx::Error| StoreError::Corrupt(format!("{what}: {e}"));
+    Ok(RawEvent {
+        event_id: row.try_get(0)?,
+        stream_id: row.try_get(1)?,
+        stream_version: row.try_get(2)?,
+        global_position: row.try_get(3)?,
+        transaction_id: row.try_get(4)?,
+        partition: row.try_get(5)?,
+        event_type: row.try_get(6)?,
+        schema_version: row.try_get(7)?,
+        payload: row.try_get(8).map_err(|e| corrupt("payload", e))?,
+        metadata: row.try_get(9).map_err(|e| corrupt("metadata", e))?,
+        recorded_at: row.try_get(10)?,
+        tenant_id: row.try_get(11)?,
     })
 }
