@@ -3,13 +3,19 @@
 //! Every statement is idempotent by construction, independently of the checkpoint: inserts are
 //! `ON CONFLICT DO NOTHING` and updates are guarded by `version < $event_version`, so replaying an
 //! event (a redelivery, a stale owner, a dead-letter retry) changes nothing.
+//!
+//! Two forms of the same rules: [`Projection::apply`] (one event, used by the fold, dead-letter
+//! retries and the runtime's careful path) and [`Projection::apply_batch`] (a whole batch in two
+//! statements, the runtime's fast path). `tests/batch.rs` holds them to the same rows.
 
 use crate::projection::{ApplyError, Projection};
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use nura_domain::DomainEvent;
 use nura_domain::conversation::ConversationEvent;
 use nura_store::RecordedEvent;
 use sqlx::PgConnection;
+use std::collections::HashMap;
 use uuid::Uuid;
 
 /// The projector's name (checkpoints, consumers `conversations_p<N>`, dead letters).
@@ -33,31 +39,52 @@ impl Projection for Conversations {
     ) -> BoxFuture<'a, Result<(), ApplyError>> {
         Box::pin(apply(conn, event))
     }
+
+    fn apply_batch<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [RecordedEvent],
+    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+        Box::pin(apply_batch(conn, events))
+    }
 }
 
-async fn apply(conn: &mut PgConnection, event: &RecordedEvent) -> Result<(), ApplyError> {
-    // Partitions carry every context; this projector only reads conversation streams.
+/// The conversation an event belongs to and the event itself; `None` for other streams
+/// (partitions carry every context; this projector only reads conversation streams).
+fn decode(event: &RecordedEvent) -> Result<Option<(Uuid, ConversationEvent)>, ApplyError> {
     let Some(id) = event.stream_id.strip_prefix(STREAM_PREFIX) else {
-        return Ok(());
+        return Ok(None);
     };
     let conversation_id = Uuid::parse_str(id)
         .map_err(|e| ApplyError::Undecodable(format!("stream id {}: {e}", event.stream_id)))?;
     let decoded = ConversationEvent::from_stored(&event.event_type, &event.payload)
         .map_err(|e| ApplyError::Undecodable(e.to_string()))?;
+    if let ConversationEvent::ConversationStarted {
+        conversation_id: payload_id,
+        ..
+    } = &decoded
+        && *payload_id != conversation_id
+    {
+        return Err(ApplyError::Undecodable(format!(
+            "payload conversation_id {payload_id} does not match stream {}",
+            event.stream_id
+        )));
+    }
+    Ok(Some((conversation_id, decoded)))
+}
+
+async fn apply(conn: &mut PgConnection, event: &RecordedEvent) -> Result<(), ApplyError> {
+    let Some((conversation_id, decoded)) = decode(event)? else {
+        return Ok(());
+    };
     match decoded {
         ConversationEvent::ConversationStarted {
-            conversation_id: payload_id,
             tenant_id,
             title,
             started_by,
             at,
+            ..
         } => {
-            if payload_id != conversation_id {
-                return Err(ApplyError::Undecodable(format!(
-                    "payload conversation_id {payload_id} does not match stream {}",
-                    event.stream_id
-                )));
-            }
             sqlx::query(
                 "INSERT INTO read.conversations (conversation_id, tenant_id, stream_id, title, status, \
                    message_count, created_by, created_at, updated_at, version) \
@@ -123,6 +150,208 @@ async fn apply(conn: &mut PgConnection, event: &RecordedEvent) -> Result<(), App
         }
     }
     Ok(())
+}
+
+/// The batch form of [`apply`]: at most two statements whatever the batch size (the starts; then
+/// the messages, one update aggregating each conversation's changes and a check that every
+/// touched conversation exists), instead of one to three round trips per event.
+///
+/// One by one, an event changes its conversation row only if its version is above the row's, and
+/// the row's version is then the last applied one. Because a stream's versions rise in commit
+/// order, that is the same as "above the row's version before the batch", which one set-based
+/// update can evaluate. A batch where that reasoning does not hold (versions of a stream not
+/// rising, a change before its stream's start) is refused, and the runtime applies it one by one.
+async fn apply_batch(conn: &mut PgConnection, events: &[RecordedEvent]) -> Result<(), ApplyError> {
+    let mut starts = Starts::default();
+    let mut messages = Messages::default();
+    let mut changes = Changes::default();
+    // Per conversation: the last version seen in this batch, and whether it was changed yet.
+    let mut seen: HashMap<Uuid, (i64, bool)> = HashMap::new();
+    for event in events {
+        let Some((conversation_id, decoded)) = decode(event)? else {
+            continue;
+        };
+        let version = event.stream_version;
+        let (last, changed) = seen.entry(conversation_id).or_insert((i64::MIN, false));
+        if version <= *last {
+            return Err(ApplyError::Inconsistent(format!(
+                "versions of {} do not rise within the batch; applying one by one",
+                event.stream_id
+            )));
+        }
+        *last = version;
+        match decoded {
+            ConversationEvent::ConversationStarted {
+                tenant_id,
+                title,
+                started_by,
+                at,
+                ..
+            } => {
+                if *changed {
+                    return Err(ApplyError::Inconsistent(format!(
+                        "{} changes before its start within the batch; applying one by one",
+                        event.stream_id
+                    )));
+                }
+                starts.conversation_id.push(conversation_id);
+                starts.tenant_id.push(tenant_id);
+                starts.stream_id.push(event.stream_id.clone());
+                starts.title.push(title);
+                starts.started_by.push(started_by);
+                starts.at.push(at);
+                starts.version.push(version);
+            }
+            ConversationEvent::MessagePosted {
+                message_id,
+                author,
+                text,
+                at,
+            } => {
+                *changed = true;
+                messages.message_id.push(message_id);
+                messages.conversation_id.push(conversation_id);
+                messages.tenant_id.push(event.metadata.tenant_id.clone());
+                messages.author.push(author);
+                messages.text.push(text);
+                messages.at.push(at);
+                messages.version.push(version);
+                changes.push(conversation_id, version, at, false);
+            }
+            ConversationEvent::ConversationArchived { at, .. } => {
+                *changed = true;
+                changes.push(conversation_id, version, at, true);
+            }
+        }
+    }
+    if !starts.conversation_id.is_empty() {
+        sqlx::query(
+            "INSERT INTO read.conversations (conversation_id, tenant_id, stream_id, title, status, \
+               message_count, created_by, created_at, updated_at, version) \
+             SELECT id, tenant, stream, title, 'active', 0, started_by, at, at, version \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
+               $6::timestamptz[], $7::bigint[]) AS t(id, tenant, stream, title, started_by, at, version) \
+             ON CONFLICT (conversation_id) DO NOTHING",
+        )
+        .bind(&starts.conversation_id)
+        .bind(&starts.tenant_id)
+        .bind(&starts.stream_id)
+        .bind(&starts.title)
+        .bind(&starts.started_by)
+        .bind(&starts.at)
+        .bind(&starts.version)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if changes.conversation_id.is_empty() {
+        return Ok(());
+    }
+    let changed: Vec<Uuid> = seen
+        .iter()
+        .filter(|(_, (_, changed))| *changed)
+        .map(|(id, _)| *id)
+        .collect();
+    // One round trip: insert the messages; apply, per conversation, only the changes above the
+    // row's version (the guard of the one-by-one updates), the highest version setting
+    // `updated_at` and the last message `last_message_at`; and return a touched conversation
+    // that does not exist, if any. Such a change would be lost (see `ensure_present`): the
+    // whole batch is then refused and the one-by-one path retries or dead-letters the event.
+    // (Every part reads the snapshot taken after the starts above were inserted.)
+    let missing: Option<Uuid> = sqlx::query_scalar(
+        "WITH inserted AS ( \
+           INSERT INTO read.messages (message_id, conversation_id, tenant_id, author, text, \
+             posted_at, stream_version) \
+           SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
+             $6::timestamptz[], $7::bigint[]) \
+           ON CONFLICT DO NOTHING \
+         ), ev AS ( \
+           SELECT * FROM unnest($8::uuid[], $9::bigint[], $10::timestamptz[], $11::bool[]) \
+             AS t(id, version, at, archive) \
+         ), applied AS ( \
+           SELECT ev.id, \
+             count(*) FILTER (WHERE NOT ev.archive) AS messages, \
+             (array_agg(ev.at ORDER BY ev.version DESC) FILTER (WHERE NOT ev.archive))[1] AS last_message_at, \
+             (array_agg(ev.at ORDER BY ev.version DESC) FILTER (WHERE ev.archive))[1] AS archived_at, \
+             (array_agg(ev.at ORDER BY ev.version DESC))[1] AS updated_at, \
+             max(ev.version) AS version \
+           FROM ev JOIN read.conversations c ON c.conversation_id = ev.id AND ev.version > c.version \
+           GROUP BY ev.id \
+         ), updated AS ( \
+           UPDATE read.conversations c SET \
+             message_count = c.message_count + a.messages, \
+             last_message_at = coalesce(a.last_message_at, c.last_message_at), \
+             status = CASE WHEN a.archived_at IS NULL THEN c.status ELSE 'archived' END, \
+             archived_at = coalesce(a.archived_at, c.archived_at), \
+             updated_at = a.updated_at, \
+             version = a.version \
+           FROM applied a WHERE c.conversation_id = a.id \
+         ) \
+         SELECT t.id FROM unnest($12::uuid[]) AS t(id) \
+         WHERE NOT EXISTS (SELECT 1 FROM read.conversations c WHERE c.conversation_id = t.id) \
+         LIMIT 1",
+    )
+    .bind(&messages.message_id)
+    .bind(&messages.conversation_id)
+    .bind(&messages.tenant_id)
+    .bind(&messages.author)
+    .bind(&messages.text)
+    .bind(&messages.at)
+    .bind(&messages.version)
+    .bind(&changes.conversation_id)
+    .bind(&changes.version)
+    .bind(&changes.at)
+    .bind(&changes.archive)
+    .bind(&changed)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match missing {
+        Some(id) => Err(ApplyError::Inconsistent(format!(
+            "conversation {id} was never started in the read model"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `ConversationStarted` events of a batch, as columns for `unnest`.
+#[derive(Default)]
+struct Starts {
+    conversation_id: Vec<Uuid>,
+    tenant_id: Vec<String>,
+    stream_id: Vec<String>,
+    title: Vec<String>,
+    started_by: Vec<String>,
+    at: Vec<DateTime<Utc>>,
+    version: Vec<i64>,
+}
+
+/// `MessagePosted` events of a batch, as columns for `unnest`.
+#[derive(Default)]
+struct Messages {
+    message_id: Vec<Uuid>,
+    conversation_id: Vec<Uuid>,
+    tenant_id: Vec<String>,
+    author: Vec<String>,
+    text: Vec<String>,
+    at: Vec<DateTime<Utc>>,
+    version: Vec<i64>,
+}
+
+/// Every change to a conversation row in a batch (a message or an archive), as columns.
+#[derive(Default)]
+struct Changes {
+    conversation_id: Vec<Uuid>,
+    version: Vec<i64>,
+    at: Vec<DateTime<Utc>>,
+    archive: Vec<bool>,
+}
+
+impl Changes {
+    fn push(&mut self, conversation_id: Uuid, version: i64, at: DateTime<Utc>, archive: bool) {
+        self.conversation_id.push(conversation_id);
+        self.version.push(version);
+        self.at.push(at);
+        self.archive.push(archive);
+    }
 }
 
 /// An update that touched nothing is fine when the event was already applied (the row's version

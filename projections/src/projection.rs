@@ -34,6 +34,26 @@ pub trait Projection: Send + Sync + 'static {
         conn: &'a mut PgConnection,
         event: &'a RecordedEvent,
     ) -> BoxFuture<'a, Result<(), ApplyError>>;
+
+    /// Applies `events` (in commit order) through `conn` and must leave exactly the rows that
+    /// applying them one by one with [`Projection::apply`] leaves. This is the runtime's fast
+    /// path: a projection overrides it to write a whole batch with a few set-based statements.
+    /// An error means only "this batch cannot be applied as a whole": the runtime rolls the
+    /// transaction back and applies the events one by one, which decides which one (if any) is
+    /// poison. So an override may also refuse a batch it cannot prove equivalent. The default
+    /// applies one by one.
+    fn apply_batch<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [RecordedEvent],
+    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+        Box::pin(async move {
+            for event in events {
+                self.apply(conn, event).await?;
+            }
+            Ok(())
+        })
+    }
 }
 
 /// The projection registered under `name` (the dead-letter retry path finds it this way).

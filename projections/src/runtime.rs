@@ -5,7 +5,8 @@ use crate::conversations::Conversations;
 use crate::dead_letters;
 use crate::projection::Projection;
 use anyhow::Context as _;
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::consumer::pull::{self, Batch};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use nura_nats::{Delivered, Topology};
@@ -119,6 +120,8 @@ pub struct PartitionWorker {
     partition: i32,
     consumer: Option<PullConsumer>,
     consumer_checked: Instant,
+    /// The next batch, requested while the previous one was applied.
+    prefetched: Option<Batch>,
 }
 
 impl PartitionWorker {
@@ -140,6 +143,7 @@ impl PartitionWorker {
             partition,
             consumer: None,
             consumer_checked: Instant::now(),
+            prefetched: None,
         }
     }
 
@@ -185,48 +189,31 @@ impl PartitionWorker {
         Ok(consumer)
     }
 
-    /// One step: fetch up to `batch_size` messages (waiting up to `idle_fetch_wait`), apply them
-    /// in one transaction with the checkpoint, commit, then ack. See the crate docs for the
-    /// skip / hole-fill / dead-letter rules.
+    /// One step: take the next batch of up to `batch_size` messages (waiting up to
+    /// `idle_fetch_wait` when the partition is idle), apply it in one transaction with the
+    /// checkpoint, commit, then ack. See the crate docs for the skip / hole-fill / dead-letter
+    /// rules. While a batch is applied the next one is already requested, so its messages travel
+    /// meanwhile; [`PartitionWorker::release`] hands such a prefetched batch back.
     pub async fn process_batch(&mut self) -> Result<BatchOutcome, WorkerError> {
-        let consumer = self.consumer().await?;
-        let fetched = consumer
-            .fetch()
-            .max_messages(self.config.batch_size)
-            .expires(self.config.idle_fetch_wait)
-            .messages()
-            .await;
-        let mut batch = match fetched {
-            Ok(b) => b,
-            Err(e) => {
-                self.consumer = None;
-                return Err(WorkerError::Nats(format!("fetch: {e}")));
-            }
-        };
-        let mut msgs = Vec::new();
-        while let Some(m) = batch.next().await {
-            match m {
-                Ok(m) => msgs.push(m),
-                Err(e) => {
-                    // Process what arrived; the consumer is re-fetched next step.
-                    tracing::warn!(partition = self.partition, error = %e, "fetch interrupted");
-                    self.consumer = None;
-                    break;
-                }
-            }
-        }
+        let waited = Instant::now();
+        let msgs = self.receive().await?;
         if msgs.is_empty() {
             self.check_consumer().await;
             return Ok(BatchOutcome::default());
         }
         let started = Instant::now();
-        // Most batches apply cleanly: try without a savepoint per event (two round trips fewer
-        // each), and only when an event fails redo the batch carefully, event by event.
+        // Most batches apply cleanly: apply them as a whole with the projection's set-based
+        // statements, and only when that fails redo the batch carefully, event by event, each in
+        // a savepoint, which finds the failing event and retries or dead-letters it alone.
         let result = match self.apply_batch(&msgs, false).await {
             Ok(None) => self.apply_batch(&msgs, true).await,
             other => other,
         }
         .and_then(|o| o.ok_or_else(|| WorkerError::Nats("careful batch gave up".into())));
+        tracing::debug!(
+            projector = self.projection.name(), partition = self.partition, messages = msgs.len(),
+            waited = ?started.duration_since(waited), applied_in = ?started.elapsed(), "batch"
+        );
         let labels = [
             ("projector", self.projection.name().to_string()),
             ("partition", self.partition.to_string()),
@@ -257,6 +244,77 @@ impl PartitionWorker {
         }
     }
 
+    /// The messages of the next batch: the prefetched one if there is one, else a new fetch.
+    /// After a non-empty batch it requests the following one, so that one's messages arrive
+    /// while this one is applied (a backlog drains without waiting for a fetch per batch).
+    async fn receive(&mut self) -> Result<Vec<jetstream::Message>, WorkerError> {
+        let consumer = self.consumer().await?;
+        let mut batch = match self.prefetched.take() {
+            Some(b) => b,
+            None => self.request(&consumer, 0).await?,
+        };
+        let mut msgs = Vec::new();
+        while let Some(m) = batch.next().await {
+            match m {
+                Ok(m) => msgs.push(m),
+                Err(e) => {
+                    // Process what arrived; the consumer is re-fetched next step.
+                    tracing::warn!(partition = self.partition, error = %e, "fetch interrupted");
+                    self.consumer = None;
+                    break;
+                }
+            }
+        }
+        if !msgs.is_empty() && self.consumer.is_some() {
+            // A failed request only costs the overlap: the next step fetches again.
+            self.prefetched = match self.room(&consumer, msgs.len()) {
+                0 => None,
+                _ => self.request(&consumer, msgs.len()).await.ok(),
+            };
+        }
+        Ok(msgs)
+    }
+
+    /// How many messages a request may ask for while `unacked` are outstanding: `batch_size`,
+    /// or fewer so as not to exceed the consumer's `max_ack_pending` (the server refuses a
+    /// request beyond it).
+    fn room(&self, consumer: &PullConsumer, unacked: usize) -> usize {
+        match usize::try_from(consumer.cached_info().config.max_ack_pending) {
+            Ok(limit) if limit > 0 => self.config.batch_size.min(limit.saturating_sub(unacked)),
+            _ => self.config.batch_size,
+        }
+    }
+
+    /// Requests the next batch while `unacked` messages are outstanding (see [`Self::room`]).
+    async fn request(
+        &mut self,
+        consumer: &PullConsumer,
+        unacked: usize,
+    ) -> Result<Batch, WorkerError> {
+        consumer
+            .fetch()
+            .max_messages(self.room(consumer, unacked).max(1))
+            .expires(self.config.idle_fetch_wait)
+            .messages()
+            .await
+            .map_err(|e| {
+                self.consumer = None;
+                WorkerError::Nats(format!("fetch: {e}"))
+            })
+    }
+
+    /// Hands back a prefetched batch (call it when this instance stops projecting the
+    /// partition): its messages are nacked without delay so whoever projects the partition next
+    /// gets them at once instead of after `ack_wait`. Waits at most for the fetch to expire.
+    pub async fn release(&mut self) {
+        let Some(mut batch) = self.prefetched.take() else {
+            return;
+        };
+        while let Some(Ok(m)) = batch.next().await {
+            let _ = m.ack_with(AckKind::Nak(None)).await;
+        }
+    }
+
     async fn check_consumer(&mut self) {
         if self.consumer_checked.elapsed() < CONSUMER_CHECK {
             return;
@@ -270,12 +328,14 @@ impl PartitionWorker {
         if !exists {
             tracing::warn!(consumer = %name, "consumer or stream vanished; recreating");
             self.consumer = None;
+            self.prefetched = None;
         }
     }
 
-    /// Applies a batch in one transaction. Without `careful`, events are applied without
-    /// savepoints and the first failure abandons the transaction (`Ok(None)`); with `careful`,
-    /// each event runs in a savepoint so a failing one is retried later or dead-lettered alone.
+    /// Applies a batch in one transaction. Without `careful`, the events are applied together by
+    /// [`Projection::apply_batch`] and a failure abandons the transaction (`Ok(None)`); with
+    /// `careful`, each event runs in a savepoint so a failing one is retried later or
+    /// dead-lettered alone.
     async fn apply_batch(
         &mut self,
         msgs: &[jetstream::Message],
@@ -307,8 +367,11 @@ impl PartitionWorker {
         let mut parked = dead_letters::open_streams(&mut tx, name, self.partition).await?;
         // Index of the first message to nak (a failing event with attempts left), and its delay.
         let mut stop: Option<(usize, Duration)> = None;
-        let mut foreign = vec![false; msgs.len()];
-        'messages: for (i, (msg, d)) in msgs.iter().zip(&decoded).enumerate() {
+        // The fast path's events, applied together after the loop.
+        let mut pending: Vec<RecordedEvent> = Vec::new();
+        // Messages to terminate: undecodable ones now, foreign ones as they are found.
+        let mut terminate: Vec<bool> = decoded.iter().map(Result::is_err).collect();
+        'messages: for (i, (msg, d)) in msgs.iter().zip(decoded).enumerate() {
             let d = match d {
                 Ok(d) => d,
                 Err(e) => {
@@ -323,7 +386,7 @@ impl PartitionWorker {
                 continue;
             }
             let events = if d.prev.unwrap_or(Position::ZERO) == checkpoint {
-                vec![d.event.clone()]
+                vec![d.event]
             } else {
                 match self.fill_hole(checkpoint, &d.event).await? {
                     Some(events) => events,
@@ -334,7 +397,7 @@ impl PartitionWorker {
                             partition = self.partition, event_id = %d.event.event_id,
                             "message names an event that is not in the event store; terminated"
                         );
-                        foreign[i] = true;
+                        terminate[i] = true;
                         outcome.undecodable += 1;
                         continue;
                     }
@@ -342,31 +405,29 @@ impl PartitionWorker {
             };
             outcome.holes_filled += events.len() - 1;
             let attempts = msg.info().map(|i| i.delivered).unwrap_or(1).max(1);
-            for event in &events {
+            for event in events {
                 if let Some(first) = parked.get(&event.stream_id) {
                     let why = format!("parked behind dead letter {first}");
-                    dead_letters::record(&mut tx, name, event, &why, 0).await?;
+                    dead_letters::record(&mut tx, name, &event, &why, 0).await?;
                     tracing::warn!(event_id = %event.event_id, stream_id = %event.stream_id, "{why}");
                     outcome.parked += 1;
                     checkpoint = event.position();
                     continue;
                 }
-                if careful {
-                    sqlx::query("SAVEPOINT apply").execute(&mut *tx).await?;
+                if !careful {
+                    outcome.applied += 1;
+                    checkpoint = event.position();
+                    pending.push(event);
+                    continue;
                 }
-                match self.projection.apply(&mut tx, event).await {
+                sqlx::query("SAVEPOINT apply").execute(&mut *tx).await?;
+                match self.projection.apply(&mut tx, &event).await {
                     Ok(()) => {
-                        if careful {
-                            sqlx::query("RELEASE SAVEPOINT apply")
-                                .execute(&mut *tx)
-                                .await?;
-                        }
+                        sqlx::query("RELEASE SAVEPOINT apply")
+                            .execute(&mut *tx)
+                            .await?;
                         outcome.applied += 1;
                         checkpoint = event.position();
-                    }
-                    Err(_) if !careful => {
-                        // The transaction is dropped (rolled back); the caller retries carefully.
-                        return Ok(None);
                     }
                     Err(e) => {
                         sqlx::query("ROLLBACK TO SAVEPOINT apply")
@@ -383,7 +444,7 @@ impl PartitionWorker {
                         }
                         let error = e.to_string();
                         let id =
-                            dead_letters::record(&mut tx, name, event, &error, attempts as i32)
+                            dead_letters::record(&mut tx, name, &event, &error, attempts as i32)
                                 .await?;
                         tracing::error!(
                             projector = name, dead_letter = id, event_id = %event.event_id,
@@ -399,6 +460,14 @@ impl PartitionWorker {
                 }
             }
         }
+        if let Err(e) = self.projection.apply_batch(&mut tx, &pending).await {
+            // The transaction is dropped (rolled back); the caller retries carefully.
+            tracing::debug!(
+                projector = name, partition = self.partition, error = %e,
+                "batch refused; applying it event by event"
+            );
+            return Ok(None);
+        }
         if checkpoint != start {
             sqlx::query(
                 "UPDATE read.checkpoints SET transaction_id = $3, global_position = $4, updated_at = now() \
@@ -413,13 +482,13 @@ impl PartitionWorker {
         }
         tx.commit().await?;
         // Acks only after the commit: a crash in between means redelivery, which is skipped.
-        for (i, (msg, d)) in msgs.iter().zip(&decoded).enumerate() {
+        for (i, msg) in msgs.iter().enumerate() {
             let kind = match stop {
                 Some((s, delay)) if i >= s => {
                     outcome.nacked += 1;
                     AckKind::Nak(Some(delay))
                 }
-                _ if d.is_err() || foreign[i] => AckKind::Term,
+                _ if terminate[i] => AckKind::Term,
                 _ => AckKind::Ack,
             };
             if let Err(e) = msg.ack_with(kind).await {
@@ -466,6 +535,21 @@ pub(crate) async fn lock_checkpoint(
     projector: &str,
     partition: i32,
 ) -> Result<Position, sqlx::Error> {
+    const SELECT: &str = "SELECT transaction_id, global_position FROM read.checkpoints \
+         WHERE projector = $1 AND partition = $2 FOR UPDATE";
+    let position = |row: sqlx::postgres::PgRow| Position {
+        tx: row.get(0),
+        pos: row.get(1),
+    };
+    // The row exists after the partition's first batch: one round trip from then on.
+    if let Some(row) = sqlx::query(SELECT)
+        .bind(projector)
+        .bind(partition)
+        .fetch_optional(&mut *conn)
+        .await?
+    {
+        return Ok(position(row));
+    }
     sqlx::query(
         "INSERT INTO read.checkpoints (projector, partition) VALUES ($1, $2) ON CONFLICT DO NOTHING",
     )
@@ -473,18 +557,12 @@ pub(crate) async fn lock_checkpoint(
     .bind(partition)
     .execute(&mut *conn)
     .await?;
-    let row = sqlx::query(
-        "SELECT transaction_id, global_position FROM read.checkpoints \
-         WHERE projector = $1 AND partition = $2 FOR UPDATE",
-    )
-    .bind(projector)
-    .bind(partition)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(Position {
-        tx: row.get(0),
-        pos: row.get(1),
-    })
+    let row = sqlx::query(SELECT)
+        .bind(projector)
+        .bind(partition)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(position(row))
 }
 
 /// Runs every registered projector — `conversations` (read.conversations + read.messages) and
@@ -614,6 +692,7 @@ async fn own_and_run(
                 }
             }
         }
+        worker.release().await;
         metrics::gauge!("nura_projector_owned_partitions", "projector" => name).decrement(1.0);
         // Closing the session releases the advisory lock.
         let _ = lock.close().await;
