@@ -367,10 +367,11 @@ impl PartitionWorker {
         let mut parked = dead_letters::open_streams(&mut tx, name, self.partition).await?;
         // Index of the first message to nak (a failing event with attempts left), and its delay.
         let mut stop: Option<(usize, Duration)> = None;
-        let mut foreign = vec![false; msgs.len()];
         // The fast path's events, applied together after the loop.
         let mut pending: Vec<RecordedEvent> = Vec::new();
-        'messages: for (i, (msg, d)) in msgs.iter().zip(&decoded).enumerate() {
+        // Messages to terminate: undecodable ones now, foreign ones as they are found.
+        let mut terminate: Vec<bool> = decoded.iter().map(Result::is_err).collect();
+        'messages: for (i, (msg, d)) in msgs.iter().zip(decoded).enumerate() {
             let d = match d {
                 Ok(d) => d,
                 Err(e) => {
@@ -385,7 +386,7 @@ impl PartitionWorker {
                 continue;
             }
             let events = if d.prev.unwrap_or(Position::ZERO) == checkpoint {
-                vec![d.event.clone()]
+                vec![d.event]
             } else {
                 match self.fill_hole(checkpoint, &d.event).await? {
                     Some(events) => events,
@@ -396,7 +397,7 @@ impl PartitionWorker {
                             partition = self.partition, event_id = %d.event.event_id,
                             "message names an event that is not in the event store; terminated"
                         );
-                        foreign[i] = true;
+                        terminate[i] = true;
                         outcome.undecodable += 1;
                         continue;
                     }
@@ -481,13 +482,13 @@ impl PartitionWorker {
         }
         tx.commit().await?;
         // Acks only after the commit: a crash in between means redelivery, which is skipped.
-        for (i, (msg, d)) in msgs.iter().zip(&decoded).enumerate() {
+        for (i, msg) in msgs.iter().enumerate() {
             let kind = match stop {
                 Some((s, delay)) if i >= s => {
                     outcome.nacked += 1;
                     AckKind::Nak(Some(delay))
                 }
-                _ if d.is_err() || foreign[i] => AckKind::Term,
+                _ if terminate[i] => AckKind::Term,
                 _ => AckKind::Ack,
             };
             if let Err(e) = msg.ack_with(kind).await {
