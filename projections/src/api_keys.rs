@@ -24,6 +24,10 @@ const STREAM_PREFIX: &str = "apikey-";
 pub struct ApiKeys;
 
 impl Projection for ApiKeys {
+    fn reads_stream(&self, stream_id: &str) -> bool {
+        stream_id.starts_with(STREAM_PREFIX)
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }

@@ -28,6 +28,10 @@ const STREAM_PREFIX: &str = "conversation-";
 pub struct Conversations;
 
 impl Projection for Conversations {
+    fn reads_stream(&self, stream_id: &str) -> bool {
+        stream_id.starts_with(STREAM_PREFIX)
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }

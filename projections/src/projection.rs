@@ -28,6 +28,13 @@ pub trait Projection: Send + Sync + 'static {
     /// The projector's name: the key of its checkpoints, consumers, locks and dead letters.
     fn name(&self) -> &'static str;
 
+    /// Whether events of `stream_id` can change this projection's rows (`apply` ignores the
+    /// others). A batch made only of streams it does not read moves the checkpoint with one
+    /// statement, without a transaction. Default: every stream.
+    fn reads_stream(&self, _stream_id: &str) -> bool {
+        true
+    }
+
     /// Applies one event to the read model through `conn` (already inside a transaction).
     fn apply<'a>(
         &'a self,

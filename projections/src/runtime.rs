@@ -205,8 +205,11 @@ impl PartitionWorker {
         // Most batches apply cleanly: apply them as a whole with the projection's set-based
         // statements, and only when that fails redo the batch carefully, event by event, each in
         // a savepoint, which finds the failing event and retries or dead-letters it alone.
-        let result = match self.apply_batch(&msgs, false).await {
-            Ok(None) => self.apply_batch(&msgs, true).await,
+        let result = match self.pass_foreign_batch(&msgs).await {
+            Ok(None) => match self.apply_batch(&msgs, false).await {
+                Ok(None) => self.apply_batch(&msgs, true).await,
+                other => other,
+            },
             other => other,
         }
         .and_then(|o| o.ok_or_else(|| WorkerError::Nats("careful batch gave up".into())));
@@ -330,6 +333,83 @@ impl PartitionWorker {
             self.consumer = None;
             self.prefetched = None;
         }
+    }
+
+    /// A batch made only of events of streams the projection does not read (another aggregate's)
+    /// changes no rows. When it also continues the checkpoint's chain — each message's
+    /// `Nura-Prev` is the previous message's position, and the first one's is the checkpoint —
+    /// one conditional `UPDATE` moves the checkpoint past it, without a transaction, and the
+    /// messages are acked. Read from the headers only. `None` when the batch does not qualify or
+    /// the checkpoint is elsewhere (a redelivery, a hole, another owner's progress, no row yet):
+    /// the transactional path decides those. Streams the projection does not read are never
+    /// parked behind its dead letters, since it never fails on them.
+    async fn pass_foreign_batch(
+        &mut self,
+        msgs: &[jetstream::Message],
+    ) -> Result<Option<BatchOutcome>, WorkerError> {
+        let header = |m: &jetstream::Message, name: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        let (mut from, mut last): (Option<Position>, Option<Position>) = (None, None);
+        for m in msgs {
+            let Some(stream) = header(m, nura_nats::headers::STREAM_ID) else {
+                return Ok(None);
+            };
+            if self.projection.reads_stream(&stream) {
+                return Ok(None);
+            }
+            let commit = header(m, nura_nats::headers::COMMIT)
+                .and_then(|c| c.parse::<nura_store::CommitToken>().ok());
+            let prev = match header(m, nura_nats::headers::PREV).as_deref() {
+                Some("") => Some(Position::ZERO),
+                Some(p) => p.parse::<Position>().ok(),
+                None => None,
+            };
+            let (Some(commit), Some(prev)) = (commit, prev) else {
+                return Ok(None);
+            };
+            if commit.partition != self.partition {
+                return Ok(None);
+            }
+            match last {
+                None => from = Some(prev),
+                Some(l) if l == prev => {}
+                Some(_) => return Ok(None),
+            }
+            last = Some(commit.position);
+        }
+        let (Some(from), Some(to)) = (from, last) else {
+            return Ok(None);
+        };
+        let moved = sqlx::query(
+            "UPDATE read.checkpoints SET transaction_id = $5, global_position = $6, updated_at = now() \
+             WHERE projector = $1 AND partition = $2 AND transaction_id = $3 AND global_position = $4",
+        )
+        .bind(self.projection.name())
+        .bind(self.partition)
+        .bind(from.tx)
+        .bind(from.pos)
+        .bind(to.tx)
+        .bind(to.pos)
+        .execute(self.store.pool())
+        .await?
+        .rows_affected();
+        if moved == 0 {
+            return Ok(None);
+        }
+        for msg in msgs {
+            if let Err(e) = msg.ack().await {
+                tracing::warn!(partition = self.partition, error = %e, "ack failed; the message will be redelivered and skipped");
+            }
+        }
+        Ok(Some(BatchOutcome {
+            fetched: msgs.len(),
+            applied: msgs.len(),
+            ..Default::default()
+        }))
     }
 
     /// Applies a batch in one transaction. Without `careful`, the events are applied together by

@@ -8,7 +8,7 @@ use nura_domain::DomainEvent;
 use nura_domain::api_key::{ApiKeyEvent, stream_id};
 use nura_projections::api_keys::{self, ApiKeys};
 use nura_projections::{ApplyError, Projection, has_passed};
-use nura_store::{CommitToken, EventStore, ExpectedVersion, Metadata, NewEvent};
+use nura_store::{CommitToken, EventStore, ExpectedVersion, Metadata, NewEvent, Position};
 use nura_testkit::TestDb;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -224,4 +224,80 @@ async fn a_revocation_of_a_key_the_read_model_never_saw_is_an_error_not_a_silent
     })
     .await
     .expect("test timed out");
+}
+
+/// A batch of only other aggregates' events moves the `api_keys` checkpoint without a
+/// transaction, but only when it continues the checkpoint's chain: a key event JetStream lost
+/// just before such events is still found (filled from Postgres) and applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_key_event_behind_conversation_traffic_is_still_applied() {
+    let env = Env::new().await;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut publisher = Publisher::new(&env);
+        // First only conversations: every partition's checkpoint row exists and moved.
+        start_conversations(&env, 40).await;
+        let first = publisher.publish_new(&env.store).await;
+        drain_api_keys(&env, &first).await;
+
+        // Then a key, and conversation traffic after it in every partition; the key's message
+        // is lost, so its partition's next batch does not continue the checkpoint's chain.
+        let key = Uuid::now_v7();
+        append_key(&env.store, key, "acme", &issued(key, "acme")).await;
+        start_conversations(&env, 40).await;
+        let published = publisher.publish_new(&env.store).await;
+        let lost = published
+            .iter()
+            .position(|(e, _)| e.stream_id == stream_id(key))
+            .expect("key event published");
+        let stream = env
+            .js
+            .get_stream(&env.topology.stream)
+            .await
+            .expect("stream");
+        let seq = (first.len() + lost) as u64 + 1;
+        assert!(stream.delete_message(seq).await.expect("delete"));
+        drain_api_keys(&env, &published).await;
+        assert_eq!(
+            row(env.store.pool(), key).await.map(|r| r.1),
+            Some("active".into()),
+            "the lost key event was skipped"
+        );
+    })
+    .await
+    .expect("test timed out");
+    env.cleanup().await;
+}
+
+async fn start_conversations(env: &Env, n: i64) {
+    for i in 0..n {
+        let c = Uuid::now_v7();
+        append(&env.store, c, "acme", &[started(c, "acme", i)]).await;
+    }
+}
+
+/// Runs `api_keys` workers on every partition until its checkpoints pass every event of
+/// `published`.
+async fn drain_api_keys(env: &Env, published: &[(nura_store::RecordedEvent, Option<Position>)]) {
+    let workers = (0..env.store.partitions())
+        .map(|p| {
+            nura_projections::PartitionWorker::new(
+                env.store.clone(),
+                env.js.clone(),
+                env.topology.clone(),
+                test_config(),
+                std::sync::Arc::new(ApiKeys),
+                p,
+            )
+        })
+        .collect();
+    let running = common::spawn_workers(workers);
+    for (e, _) in published {
+        while !has_passed(env.store.pool(), api_keys::NAME, e.commit_token())
+            .await
+            .expect("checkpoint")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    running.stop().await;
 }
