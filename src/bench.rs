@@ -321,7 +321,7 @@ async fn run_all(args: &BenchArgs, sizes: &Sizes, scratch: &Scratch) -> anyhow::
     Ok(rows)
 }
 
-/// Appends through the event store (with group commit, as `nura serve` runs it; and at
+/// 2 and 3. Appends through the event store (with group commit, as `nura serve` runs it; and at
 /// concurrency 1 also without, to show what the batching costs when there is nothing to share),
 /// then the hot stream. Fills `append` with the rate per concurrency.
 async fn append_rows(
@@ -332,8 +332,6 @@ async fn append_rows(
     append: &mut std::collections::BTreeMap<usize, f64>,
 ) -> Vec<Row> {
     let mut rows = Vec::new();
-    // 2. Append through the event store (with group commit, as `nura serve` runs it; and at
-    // concurrency 1 also without, to show what the batching costs when there is nothing to share).
     progress("append without group commit, concurrency 1");
     {
         let st = plain_store.clone();

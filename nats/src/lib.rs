@@ -7,4 +7,4 @@
 pub mod relay;
 mod topology;
 
-pub use topology::{Delivered, Topology, decode, encode, encode_raw, headers};
+pub use topology::{Delivered, Topology, decode, encode, encode_raw, headers, prev_of};

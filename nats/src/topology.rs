@@ -167,13 +167,19 @@ pub struct Delivered {
 pub fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Delivered, String> {
     let event: RecordedEvent =
         serde_json::from_slice(payload).map_err(|e| format!("bad event body: {e}"))?;
-    let prev = match headers
+    let prev = prev_of(headers)?;
+    Ok(Delivered { event, prev })
+}
+
+/// The `Nura-Prev` header of a message: the previous event of the same partition, `None` for
+/// the partition's first event. An error when the header is missing or malformed.
+pub fn prev_of(headers: Option<&HeaderMap>) -> Result<Option<Position>, String> {
+    match headers
         .and_then(|h| h.get(headers::PREV))
         .map(|v| v.as_str())
     {
-        None => return Err("missing Nura-Prev header".into()),
-        Some("") => None,
-        Some(s) => Some(s.parse::<Position>()?),
-    };
-    Ok(Delivered { event, prev })
+        None => Err("missing Nura-Prev header".into()),
+        Some("") => Ok(None),
+        Some(s) => Ok(Some(s.parse::<Position>()?)),
+    }
 }

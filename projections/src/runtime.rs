@@ -347,27 +347,20 @@ impl PartitionWorker {
         &mut self,
         msgs: &[jetstream::Message],
     ) -> Result<Option<BatchOutcome>, WorkerError> {
-        let header = |m: &jetstream::Message, name: &str| {
-            m.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
         let (mut from, mut last): (Option<Position>, Option<Position>) = (None, None);
         for m in msgs {
-            let Some(stream) = header(m, nura_nats::headers::STREAM_ID) else {
+            let header = |name: &str| m.headers.as_ref()?.get(name).map(|v| v.as_str());
+            let Some(stream) = header(nura_nats::headers::STREAM_ID) else {
                 return Ok(None);
             };
-            if self.projection.reads_stream(&stream) {
+            if self.projection.reads_stream(stream) {
                 return Ok(None);
             }
-            let commit = header(m, nura_nats::headers::COMMIT)
+            let commit = header(nura_nats::headers::COMMIT)
                 .and_then(|c| c.parse::<nura_store::CommitToken>().ok());
-            let prev = match header(m, nura_nats::headers::PREV).as_deref() {
-                Some("") => Some(Position::ZERO),
-                Some(p) => p.parse::<Position>().ok(),
-                None => None,
-            };
+            let prev = nura_nats::prev_of(m.headers.as_ref())
+                .ok()
+                .map(|p| p.unwrap_or(Position::ZERO));
             let (Some(commit), Some(prev)) = (commit, prev) else {
                 return Ok(None);
             };

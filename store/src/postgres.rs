@@ -94,6 +94,14 @@ const EVENT_COLUMNS: &str = "e.event_id, e.stream_id, e.stream_version, e.global
     e.transaction_id::text::bigint AS transaction_id, e.partition, e.event_type, e.schema_version, \
     e.payload, e.metadata, e.recorded_at";
 
+/// The log after `($1, $2)` in commit order, at most `$3` events, stopping before the oldest
+/// transaction still open anywhere in the cluster: the rows of [`EventStore::read_all`] and
+/// [`EventStore::read_all_raw`].
+const LOG_AFTER: &str = "FROM es.events e \
+    WHERE (e.transaction_id, e.global_position) > ($1::bigint::text::xid8, $2) \
+      AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+    ORDER BY e.transaction_id, e.global_position LIMIT $3";
+
 impl EventStore {
     /// Opens the store over a migrated database, reading its fixed partition count.
     pub async fn connect(pool: PgPool) -> Result<Self, StoreError> {
@@ -247,12 +255,7 @@ impl EventStore {
         after: Position,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM es.events e \
-             WHERE (e.transaction_id, e.global_position) > ($1::bigint::text::xid8, $2) \
-               AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY e.transaction_id, e.global_position LIMIT $3"
-        );
+        let sql = format!("SELECT {EVENT_COLUMNS} {LOG_AFTER}");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(after.tx)
             .bind(after.pos)
@@ -270,20 +273,15 @@ impl EventStore {
         after: Position,
         limit: i64,
     ) -> Result<Vec<RawEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT e.event_id, e.stream_id, e.stream_version, e.global_position, \
-                    e.transaction_id::text::bigint, e.partition, e.event_type, e.schema_version, \
-                    e.payload, e.metadata, e.recorded_at, coalesce(e.metadata->>'tenant_id', '') \
-             FROM es.events e \
-             WHERE (e.transaction_id, e.global_position) > ($1::bigint::text::xid8, $2) \
-               AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY e.transaction_id, e.global_position LIMIT $3",
-        )
-        .bind(after.tx)
-        .bind(after.pos)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS}, coalesce(e.metadata->>'tenant_id', '') AS tenant_id {LOG_AFTER}"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(after.tx)
+            .bind(after.pos)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(decode_raw_event).collect()
     }
 
