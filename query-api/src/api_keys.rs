@@ -3,9 +3,8 @@
 //! operational metadata the gateway records on authentication (at most once a minute per key),
 //! not an event.
 
-use crate::QueryConfig;
 use crate::routes::{
-    AfterParam, ListParams, Listing, catch_up, db_error, keyset_page, query_error, status_filter,
+    AfterParam, ListParams, Listing, QueryState, db_error, keyset_page, query_error, status_filter,
 };
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
@@ -14,7 +13,6 @@ use axum::http::HeaderMap;
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use nura_http::{ApiError, ApiJson, Principal, Role};
-use nura_store::EventStore;
 use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
@@ -25,19 +23,13 @@ pub const API_KEYS_PROJECTOR: &str = "api_keys";
 /// Only admins manage keys.
 const KEY_ADMINS: &[Role] = &[Role::Admin];
 
-#[derive(Clone)]
-struct KeysState {
-    store: EventStore,
-    config: QueryConfig,
-}
-
 /// `GET /v1/api-keys` and `GET /v1/api-keys/{id}`, with their state applied. Admin only;
 /// confined to the caller's tenant.
-pub fn router(store: EventStore, config: QueryConfig) -> Router {
+pub(crate) fn router(state: QueryState) -> Router {
     Router::new()
         .route("/v1/api-keys", get(list_keys))
         .route("/v1/api-keys/{id}", get(get_key))
-        .with_state(KeysState { store, config })
+        .with_state(state)
 }
 
 /// One key as served: never the secret, never its hash.
@@ -59,14 +51,15 @@ const KEY_COLUMNS: &str = "key_id, name, roles, status, issued_by, issued_at, re
     revoked_at, last_used_at, version";
 
 async fn list_keys(
-    State(s): State<KeysState>,
+    State(s): State<QueryState>,
     principal: Principal,
     headers: HeaderMap,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<ApiJson<Value>, ApiError> {
     principal.require_any(KEY_ADMINS)?;
     let Query(p) = params.map_err(query_error)?;
-    s.catch_up(p.after.as_deref(), &headers).await?;
+    s.catch_up(API_KEYS_PROJECTOR, p.after.as_deref(), &headers)
+        .await?;
     let status = status_filter(p.status.as_deref(), &["active", "revoked"])?;
     let page = keyset_page::<KeyView>(
         s.store.pool(),
@@ -85,7 +78,7 @@ async fn list_keys(
 }
 
 async fn get_key(
-    State(s): State<KeysState>,
+    State(s): State<QueryState>,
     principal: Principal,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -93,7 +86,8 @@ async fn get_key(
 ) -> Result<ApiJson<KeyView>, ApiError> {
     principal.require_any(KEY_ADMINS)?;
     let Query(p) = params.map_err(query_error)?;
-    s.catch_up(p.after.as_deref(), &headers).await?;
+    s.catch_up(API_KEYS_PROJECTOR, p.after.as_deref(), &headers)
+        .await?;
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("api key"))?;
     let sql =
         format!("SELECT {KEY_COLUMNS} FROM read.api_keys WHERE key_id = $1 AND tenant_id = $2");
@@ -106,22 +100,4 @@ async fn get_key(
         // Another tenant's key is indistinguishable from a missing one.
         .ok_or_else(|| ApiError::not_found("api key"))?;
     Ok(ApiJson(key))
-}
-
-impl KeysState {
-    /// Waits for the `api_keys` projection to pass the request's commit token, if any.
-    async fn catch_up(
-        &self,
-        query_after: Option<&str>,
-        headers: &HeaderMap,
-    ) -> Result<(), ApiError> {
-        catch_up(
-            &self.store,
-            &self.config,
-            API_KEYS_PROJECTOR,
-            query_after,
-            headers,
-        )
-        .await
-    }
 }

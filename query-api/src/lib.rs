@@ -12,13 +12,14 @@
 //!   504 `not_caught_up`.
 //!
 //! Limits: read-only (never writes a row); a conversation's messages are capped at
-//! [`MAX_MESSAGES`] per response; waiting polls `read.checkpoints` (no LISTEN).
+//! [`MAX_MESSAGES`] per response; waiters wake on the `nura_checkpoints` notification of the
+//! commit that passes their token ([`Checkpoints`]: one LISTEN connection per process).
 
 pub mod api_keys;
 mod consistency;
 mod routes;
 
-pub use consistency::{AFTER_HEADER, PROJECTOR, wait_for};
+pub use consistency::{AFTER_HEADER, CHECKPOINT_CHANNEL, Checkpoints, PROJECTOR};
 pub use routes::{MAX_MESSAGES, router};
 
 use std::time::Duration;

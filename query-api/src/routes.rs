@@ -1,7 +1,7 @@
 //! The query routes. Handlers are thin: authorise, wait for the commit token if any, read, shape.
 
 use crate::QueryConfig;
-use crate::consistency::{PROJECTOR, requested_token, wait_for};
+use crate::consistency::{Checkpoints, PROJECTOR, requested_token};
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -27,26 +27,31 @@ const MAX_STREAM_ID: usize = 200;
 /// Every role may read (admin holds every role).
 const READERS: &[Role] = &[Role::Viewer, Role::Member, Role::Service];
 
+/// The state every read route shares.
 #[derive(Clone)]
-struct QueryState {
-    store: EventStore,
-    config: QueryConfig,
+pub(crate) struct QueryState {
+    pub store: EventStore,
+    pub config: QueryConfig,
+    pub checkpoints: Checkpoints,
 }
 
 /// The read routes, with their state applied: `GET /v1/conversations`,
 /// `GET /v1/conversations/{id}`, `GET /v1/streams/{stream_id}/events`, and the admin-only
 /// API-key reads of [`crate::api_keys`]. They need a
-/// [`Principal`] in the request extensions; every read is confined to its tenant.
+/// [`Principal`] in the request extensions; every read is confined to its tenant. Starts the
+/// process's checkpoint listener (so it needs a Tokio runtime).
 pub fn router(store: EventStore, config: QueryConfig) -> Router {
+    let state = QueryState {
+        checkpoints: Checkpoints::start(store.pool().clone()),
+        store,
+        config,
+    };
     Router::new()
         .route("/v1/conversations", get(list_conversations))
         .route("/v1/conversations/{id}", get(get_conversation))
         .route("/v1/streams/{stream_id}/events", get(stream_events))
-        .with_state(QueryState {
-            store: store.clone(),
-            config: config.clone(),
-        })
-        .merge(crate::api_keys::router(store, config))
+        .with_state(state.clone())
+        .merge(crate::api_keys::router(state))
 }
 
 /// The parameters of a list route.
@@ -113,7 +118,7 @@ async fn list_conversations(
 ) -> Result<ApiJson<Value>, ApiError> {
     principal.require_any(READERS)?;
     let Query(p) = params.map_err(query_error)?;
-    s.catch_up(p.after.as_deref(), &headers).await?;
+    s.catch_up(PROJECTOR, p.after.as_deref(), &headers).await?;
     let status = status_filter(p.status.as_deref(), &["active", "archived"])?;
     let page = keyset_page::<ConversationView>(
         s.store.pool(),
@@ -140,7 +145,7 @@ async fn get_conversation(
 ) -> Result<Response, ApiError> {
     principal.require_any(READERS)?;
     let Query(p) = params.map_err(query_error)?;
-    s.catch_up(p.after.as_deref(), &headers).await?;
+    s.catch_up(PROJECTOR, p.after.as_deref(), &headers).await?;
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("conversation"))?;
     let sql = format!(
         "SELECT {CONVERSATION_COLUMNS} FROM read.conversations \
@@ -235,36 +240,22 @@ fn event_view(e: &RecordedEvent) -> Value {
 }
 
 impl QueryState {
-    /// Waits for the `conversations` projection to pass the request's commit token, if any.
-    async fn catch_up(
+    /// Waits for `projector` to pass the request's commit token (`?after=` or the `Nura-After`
+    /// header), if it names one.
+    pub(crate) async fn catch_up(
         &self,
+        projector: &str,
         query_after: Option<&str>,
         headers: &HeaderMap,
     ) -> Result<(), ApiError> {
-        catch_up(&self.store, &self.config, PROJECTOR, query_after, headers).await
-    }
-}
-
-/// Waits for `projector` to pass the request's commit token (`?after=` or the `Nura-After`
-/// header), if it names one.
-pub(crate) async fn catch_up(
-    store: &EventStore,
-    config: &QueryConfig,
-    projector: &str,
-    query_after: Option<&str>,
-    headers: &HeaderMap,
-) -> Result<(), ApiError> {
-    match requested_token(query_after, headers, store.partitions())? {
-        Some(token) => {
-            wait_for(
-                store.pool(),
-                projector,
-                token,
-                config.read_your_writes_timeout,
-            )
-            .await
+        match requested_token(query_after, headers, self.store.partitions())? {
+            Some(token) => {
+                self.checkpoints
+                    .wait_for(projector, token, self.config.read_your_writes_timeout)
+                    .await
+            }
+            None => Ok(()),
         }
-        None => Ok(()),
     }
 }
 

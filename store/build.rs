@@ -1,0 +1,4 @@
+// `sqlx::migrate!` embeds `../migrations`; a migration added there must rebuild this crate.
+fn main() {
+    println!("cargo:rerun-if-changed=../migrations");
+}
