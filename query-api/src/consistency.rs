@@ -164,6 +164,10 @@ async fn listen(pool: PgPool, known: watch::Sender<Known>) {
             Err(e) = follow(&pool, &known) => e,
         };
         known.send_modify(|k| k.live = false);
+        if pool.is_closed() {
+            // The process is shutting down; the pool's close waits for this connection.
+            return;
+        }
         metrics::gauge!("nura_query_checkpoint_listener_up").set(0.0);
         tracing::warn!(error = %failure, "checkpoint listener lost; read-your-writes waiters poll until it reconnects");
         tokio::select! {
