@@ -69,7 +69,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
     // Read the keys first: a bad key file should stop the start before anything connects.
-    let gateway_config = args.gateway_config()?;
+    let mut gateway_config = args.gateway_config()?;
+    // The projector workers of this process post their checkpoints here, so read-your-writes
+    // waiters wake at their commit instead of at the next poll of `read.checkpoints`.
+    let checkpoint_board = nura_store::CheckpointBoard::default();
+    gateway_config.checkpoint_board = checkpoint_board.clone();
     let metrics = telemetry::install_metrics()?;
     let pool = connect_db(&args.db).await?;
     if !args.no_migrate {

@@ -36,7 +36,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use nura_commands::CommandHandler;
 use nura_http::ApiError;
 use nura_query_api::QueryConfig;
-use nura_store::EventStore;
+use nura_store::{CheckpointBoard, EventStore};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use std::sync::Arc;
@@ -77,6 +77,9 @@ pub struct GatewayConfig {
     pub extra_route_roles: Vec<RouteRole>,
     /// How long a query waits for read-your-writes before answering 504.
     pub read_your_writes_timeout: Duration,
+    /// Where this process's projector workers post their checkpoints (read-your-writes waiters
+    /// watch it; see [`nura_query_api::ReadYourWrites`]).
+    pub checkpoint_board: CheckpointBoard,
     /// Largest request body accepted (413 beyond).
     pub body_limit_bytes: usize,
     /// Longest a request may take (504 beyond).
@@ -153,6 +156,7 @@ impl GatewayConfig {
             cors: CorsConfig::default(),
             extra_route_roles: vec![],
             read_your_writes_timeout: Duration::from_secs(5),
+            checkpoint_board: CheckpointBoard::default(),
             body_limit_bytes: 256 * 1024,
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 1024,
@@ -211,6 +215,7 @@ pub fn app(
     ));
     let query_config = QueryConfig {
         read_your_writes_timeout: config.read_your_writes_timeout,
+        checkpoint_board: config.checkpoint_board.clone(),
     };
     let mut v1 = nura_commands::router(CommandHandler::new(store.clone()))
         .merge(nura_query_api::router(store.clone(), query_config));

@@ -12,16 +12,18 @@
 //!   504 `not_caught_up`.
 //!
 //! Limits: read-only (never writes a row); a conversation's messages are capped at
-//! [`MAX_MESSAGES`] per response; waiters wake on the `nura_checkpoints` notification of the
-//! commit that passes their token ([`Checkpoints`]: one LISTEN connection per process).
+//! [`MAX_MESSAGES`] per response; waiters watch a [`CheckpointBoard`] ([`ReadYourWrites`]):
+//! the process's projector workers post to it after each commit, and one poller reads
+//! `read.checkpoints` every 10 ms for the whole process while anyone waits.
 
 pub mod api_keys;
 mod consistency;
 mod routes;
 
-pub use consistency::{AFTER_HEADER, CHECKPOINT_CHANNEL, Checkpoints, PROJECTOR};
+pub use consistency::{AFTER_HEADER, PROJECTOR, ReadYourWrites};
 pub use routes::{MAX_MESSAGES, router};
 
+use nura_store::CheckpointBoard;
 use std::time::Duration;
 
 /// Settings of the query API.
@@ -29,12 +31,16 @@ use std::time::Duration;
 pub struct QueryConfig {
     /// The longest a query waits for the projection to pass a commit token before answering 504.
     pub read_your_writes_timeout: Duration,
+    /// The board this process's projector workers post their checkpoints to (a fresh one when
+    /// none run here: waiters then learn from the poll).
+    pub checkpoint_board: CheckpointBoard,
 }
 
 impl Default for QueryConfig {
     fn default() -> Self {
         Self {
             read_your_writes_timeout: Duration::from_secs(5),
+            checkpoint_board: CheckpointBoard::default(),
         }
     }
 }

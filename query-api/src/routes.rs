@@ -1,7 +1,7 @@
 //! The query routes. Handlers are thin: authorise, wait for the commit token if any, read, shape.
 
 use crate::QueryConfig;
-use crate::consistency::{Checkpoints, PROJECTOR, requested_token};
+use crate::consistency::{PROJECTOR, ReadYourWrites, requested_token};
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -32,17 +32,20 @@ const READERS: &[Role] = &[Role::Viewer, Role::Member, Role::Service];
 pub(crate) struct QueryState {
     pub store: EventStore,
     pub config: QueryConfig,
-    pub checkpoints: Checkpoints,
+    pub read_your_writes: ReadYourWrites,
 }
 
 /// The read routes, with their state applied: `GET /v1/conversations`,
 /// `GET /v1/conversations/{id}`, `GET /v1/streams/{stream_id}/events`, and the admin-only
 /// API-key reads of [`crate::api_keys`]. They need a
 /// [`Principal`] in the request extensions; every read is confined to its tenant. Starts the
-/// process's checkpoint listener (so it needs a Tokio runtime).
+/// read-your-writes poller (so it needs a Tokio runtime).
 pub fn router(store: EventStore, config: QueryConfig) -> Router {
     let state = QueryState {
-        checkpoints: Checkpoints::start(store.pool().clone()),
+        read_your_writes: ReadYourWrites::start(
+            store.pool().clone(),
+            config.checkpoint_board.clone(),
+        ),
         store,
         config,
     };
@@ -250,7 +253,7 @@ impl QueryState {
     ) -> Result<(), ApiError> {
         match requested_token(query_after, headers, self.store.partitions())? {
             Some(token) => {
-                self.checkpoints
+                self.read_your_writes
                     .wait_for(projector, token, self.config.read_your_writes_timeout)
                     .await
             }

@@ -1,10 +1,10 @@
-//! `Checkpoints::wait_for` against a real database: it waits for the checkpoint of the token's
-//! partition, wakes on the checkpoint trigger's notification, survives the loss of its listener,
-//! and gives up with 504 after its bound.
+//! `ReadYourWrites::wait_for` against a real database: it waits for the checkpoint of the
+//! token's partition, wakes at once on a checkpoint posted in the process, learns of checkpoints
+//! committed elsewhere from `read.checkpoints`, and gives up with 504 after its bound.
 
 use axum::http::StatusCode;
-use nura_query_api::{Checkpoints, PROJECTOR};
-use nura_store::{CommitToken, Position};
+use nura_query_api::{PROJECTOR, ReadYourWrites};
+use nura_store::{CheckpointBoard, CommitToken, Position};
 use nura_testkit::TestDb;
 use std::time::{Duration, Instant};
 
@@ -32,12 +32,12 @@ const TOKEN: CommitToken = CommitToken {
 async fn a_read_waits_until_the_checkpoint_of_its_partition_passes_the_token() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let db = TestDb::new().await;
-        let checkpoints = Checkpoints::start(db.pool.clone());
+        let ryw = ReadYourWrites::start(db.pool.clone(), CheckpointBoard::default());
         // Behind in this partition, ahead in another: not enough.
         checkpoint(&db, 3, 1000, 49).await;
         checkpoint(&db, 4, 5000, 900).await;
         let started = Instant::now();
-        let err = checkpoints
+        let err = ryw
             .wait_for(PROJECTOR, TOKEN, Duration::from_millis(300))
             .await
             .expect_err("must time out");
@@ -45,98 +45,65 @@ async fn a_read_waits_until_the_checkpoint_of_its_partition_passes_the_token() {
         assert_eq!(err.code, "not_caught_up");
         assert_eq!(err.retry_after, Some(1));
         assert!(started.elapsed() >= Duration::from_millis(250));
-        // Another projector past the token does not count either.
-        let other = checkpoints.clone();
-        let err = other
-            .wait_for("api_keys", TOKEN, Duration::from_millis(100))
+        // Another projector's checkpoint does not count.
+        sqlx::query(
+            "INSERT INTO read.checkpoints (projector, partition, transaction_id, global_position) \
+             VALUES ('api_keys', 3, 9000, 1)",
+        )
+        .execute(&db.pool)
+        .await
+        .expect("other projector");
+        let err = ryw
+            .wait_for(PROJECTOR, TOKEN, Duration::from_millis(100))
             .await
             .expect_err("another projector's checkpoint");
         assert_eq!(err.code, "not_caught_up");
 
-        // A later transaction with a lower position is past the token (commit order). While the
-        // listener is up nobody polls: only the trigger's notification can wake the waiter
-        // before the listener's 30 s reload, well after this wait's 10 s bound.
+        // Committed by a projector of another process: the poll of the table finds it. A later
+        // transaction with a lower position is past the token (commit order).
         let waiter = tokio::spawn({
-            let checkpoints = checkpoints.clone();
+            let ryw = ryw.clone();
             async move {
-                checkpoints
-                    .wait_for(PROJECTOR, TOKEN, Duration::from_secs(10))
+                ryw.wait_for(PROJECTOR, TOKEN, Duration::from_secs(10))
                     .await
             }
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!waiter.is_finished());
         checkpoint(&db, 3, 1001, 7).await;
         waiter.await.expect("join").expect("caught up");
+        // Once seen, a later read of the same token does not wait.
+        ryw.wait_for(PROJECTOR, TOKEN, Duration::ZERO)
+            .await
+            .expect("already passed");
     })
     .await
     .expect("test timed out");
 }
 
 #[tokio::test]
-async fn a_checkpoint_moved_while_the_listener_was_down_is_still_seen() {
+async fn a_checkpoint_posted_in_the_process_wakes_the_waiter_without_the_table() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let db = TestDb::new().await;
-        let checkpoints = Checkpoints::start(db.pool.clone());
-        checkpoint(&db, 3, 1000, 49).await;
-        checkpoints
-            .wait_for(PROJECTOR, TOKEN, Duration::from_millis(200))
-            .await
-            .expect_err("behind");
+        let board = CheckpointBoard::default();
+        let ryw = ReadYourWrites::start(db.pool.clone(), board.clone());
         let waiter = tokio::spawn({
-            let checkpoints = checkpoints.clone();
+            let ryw = ryw.clone();
             async move {
-                checkpoints
-                    .wait_for(PROJECTOR, TOKEN, Duration::from_secs(10))
-                    .await
-            }
-        });
-        // Kill the listener's connection, then move the checkpoint at once: its notification
-        // goes to nobody. The waiter must still see it (fallback poll, then the reload).
-        let killed: i64 = sqlx::query_scalar(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .expect("terminate listener");
-        assert_eq!(killed, 1, "one listener connection");
-        checkpoint(&db, 3, 1000, 50).await;
-        waiter.await.expect("join").expect("caught up");
-        // The listener comes back, and a later move is still seen.
-        let later = CommitToken {
-            position: Position { tx: 2000, pos: 1 },
-            partition: 3,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let listening: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
-            )
-            .fetch_one(&db.pool)
-            .await
-            .expect("activity");
-            if listening == 1 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the listener did not reconnect");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let waiter = tokio::spawn({
-            let checkpoints = checkpoints.clone();
-            async move {
-                checkpoints
-                    .wait_for(PROJECTOR, later, Duration::from_secs(10))
+                ryw.wait_for(PROJECTOR, TOKEN, Duration::from_secs(10))
                     .await
             }
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
-        checkpoint(&db, 3, 2000, 1).await;
-        waiter
+        assert!(!waiter.is_finished());
+        // The table never shows it: only the post can end the wait.
+        board.post(PROJECTOR, 3, Position { tx: 1000, pos: 50 });
+        waiter.await.expect("join").expect("caught up");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM read.checkpoints")
+            .fetch_one(&db.pool)
             .await
-            .expect("join")
-            .expect("caught up after reconnect");
+            .expect("count");
+        assert_eq!(rows, 0);
     })
     .await
     .expect("test timed out");

@@ -10,10 +10,12 @@
 //! The store knows no aggregate: events are a type name, a JSON payload and a metadata envelope.
 //! Limits: one Postgres database; the partition count is fixed in `es.settings`.
 
+mod board;
 mod event;
 mod group;
 mod postgres;
 
+pub use board::{CheckpointBoard, Checkpoints};
 pub use event::{
     Appended, CommandRecord, CommitToken, ExpectedVersion, Metadata, NewEvent, Position, RawEvent,
     RecordedEvent, partition_of,
