@@ -82,9 +82,8 @@ async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
             .await
             .context("apply migrations")?;
     }
-    let store = EventStore::connect(pool)
-        .await
-        .context("open event store")?;
+    // With group commit as configured (GROUP_COMMIT_LANES): this is where commands append.
+    let store = open_store_with(pool, &args.db).await?;
     let nats = connect_nats(&args.nats).await?;
     let js = async_nats::jetstream::new(nats.clone());
     let shutdown = shutdown_on_signal();

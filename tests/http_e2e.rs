@@ -248,6 +248,23 @@ async fn a_conversation_round_trips_through_the_real_binary() {
             assert_client_error(&r, StatusCode::NOT_FOUND);
             assert!(!r.body.to_string().contains("Launch"));
         }
+        // The commands went through group commit (as GROUP_COMMIT_LANES defaults), not the
+        // one-by-one append path.
+        let metrics = client
+            .get(format!("{}/metrics", server.serve.base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        let grouped: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("nura_store_group_commit_size_count "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no group commits in /metrics:\n{metrics}"));
+        assert!(grouped >= 5.0, "{grouped} group commits for 5 commands");
+
         // S6: neither the tokens nor the signing secret ever reach the logs.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let logs = server.serve.logs();
