@@ -28,7 +28,7 @@ const CONSUMER_CHECK: Duration = Duration::from_secs(10);
 /// Tuning of a projector. `Default` gives production values.
 #[derive(Debug, Clone)]
 pub struct ProjectorConfig {
-    /// Most messages fetched and applied in one transaction (1024). A new consumer may have four
+    /// Most messages fetched and applied in one transaction (256). A new consumer may have four
     /// batches unacknowledged (`max_ack_pending`), room for the batch being applied and the one
     /// prefetched meanwhile.
     pub batch_size: usize,
@@ -47,7 +47,7 @@ pub struct ProjectorConfig {
 impl Default for ProjectorConfig {
     fn default() -> Self {
         ProjectorConfig {
-            batch_size: 1024,
+            batch_size: 256,
             max_attempts: 5,
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
