@@ -5,8 +5,8 @@
 //! event (a redelivery, a stale owner, a dead-letter retry) changes nothing.
 //!
 //! Two forms of the same rules: [`Projection::apply`] (one event, used by the fold, dead-letter
-//! retries and the runtime's careful path) and [`Projection::apply_batch`] (a whole batch in two
-//! statements, the runtime's fast path). `tests/batch.rs` holds them to the same rows.
+//! retries and the runtime's careful path) and [`Projection::apply_batch`] (a whole batch in one
+//! statement, the runtime's fast path). `tests/batch.rs` holds them to the same rows.
 
 use crate::projection::{ApplyError, Projection};
 use chrono::{DateTime, Utc};
@@ -156,27 +156,33 @@ async fn apply(conn: &mut PgConnection, event: &RecordedEvent) -> Result<(), App
     Ok(())
 }
 
-/// The batch form of [`apply`]: at most two statements whatever the batch size (the starts; then
-/// the messages, one update aggregating each conversation's changes and a check that every
-/// touched conversation exists), instead of one to three round trips per event.
+/// The batch form of [`apply`]: one statement whatever the batch size, instead of one to three
+/// round trips per event.
 ///
 /// One by one, an event changes its conversation row only if its version is above the row's, and
 /// the row's version is then the last applied one. Because a stream's versions rise in commit
 /// order, that is the same as "above the row's version before the batch", which one set-based
-/// update can evaluate. A batch where that reasoning does not hold (versions of a stream not
-/// rising, a change before its stream's start) is refused, and the runtime applies it one by one.
+/// update can evaluate. A conversation started within the batch is inserted already folded (its
+/// start and every later change of the batch), so its row is written once instead of inserted and
+/// then updated; if the row existed (a redelivery), the insert does nothing and the set-based
+/// update applies the changes above its version, as one by one would. A batch where that
+/// reasoning does not hold (versions of a stream not rising, a change before its stream's start,
+/// a second start) is refused, and the runtime applies it one by one.
 async fn apply_batch(conn: &mut PgConnection, events: &[RecordedEvent]) -> Result<(), ApplyError> {
     let mut starts = Starts::default();
     let mut messages = Messages::default();
     let mut changes = Changes::default();
-    // Per conversation: the last version seen in this batch, and whether it was changed yet.
-    let mut seen: HashMap<Uuid, (i64, bool)> = HashMap::new();
+    // Per conversation: the last version seen in this batch, whether it was changed yet, and the
+    // index of its folded row in `starts` if it started within the batch.
+    let mut seen: HashMap<Uuid, (i64, bool, Option<usize>)> = HashMap::new();
     for event in events {
         let Some((conversation_id, decoded)) = decode(event)? else {
             continue;
         };
         let version = event.stream_version;
-        let (last, changed) = seen.entry(conversation_id).or_insert((i64::MIN, false));
+        let (last, changed, started) =
+            seen.entry(conversation_id)
+                .or_insert((i64::MIN, false, None));
         if version <= *last {
             return Err(ApplyError::Inconsistent(format!(
                 "versions of {} do not rise within the batch; applying one by one",
@@ -192,18 +198,24 @@ async fn apply_batch(conn: &mut PgConnection, events: &[RecordedEvent]) -> Resul
                 at,
                 ..
             } => {
-                if *changed {
+                if *changed || started.is_some() {
                     return Err(ApplyError::Inconsistent(format!(
-                        "{} changes before its start within the batch; applying one by one",
+                        "{} changes or starts before its start within the batch; applying one by one",
                         event.stream_id
                     )));
                 }
+                *started = Some(starts.conversation_id.len());
                 starts.conversation_id.push(conversation_id);
                 starts.tenant_id.push(tenant_id);
                 starts.stream_id.push(event.stream_id.clone());
                 starts.title.push(title);
                 starts.started_by.push(started_by);
                 starts.at.push(at);
+                starts.status.push("active");
+                starts.message_count.push(0);
+                starts.last_message_at.push(None);
+                starts.archived_at.push(None);
+                starts.updated_at.push(at);
                 starts.version.push(version);
             }
             ConversationEvent::MessagePosted {
@@ -213,6 +225,12 @@ async fn apply_batch(conn: &mut PgConnection, events: &[RecordedEvent]) -> Resul
                 at,
             } => {
                 *changed = true;
+                if let Some(i) = *started {
+                    starts.message_count[i] += 1;
+                    starts.last_message_at[i] = Some(at);
+                    starts.updated_at[i] = at;
+                    starts.version[i] = version;
+                }
                 messages.message_id.push(message_id);
                 messages.conversation_id.push(conversation_id);
                 messages.tenant_id.push(event.metadata.tenant_id.clone());
@@ -224,52 +242,49 @@ async fn apply_batch(conn: &mut PgConnection, events: &[RecordedEvent]) -> Resul
             }
             ConversationEvent::ConversationArchived { at, .. } => {
                 *changed = true;
+                if let Some(i) = *started {
+                    starts.status[i] = "archived";
+                    starts.archived_at[i] = Some(at);
+                    starts.updated_at[i] = at;
+                    starts.version[i] = version;
+                }
                 changes.push(conversation_id, version, at, true);
             }
         }
     }
-    if !starts.conversation_id.is_empty() {
-        sqlx::query(
-            "INSERT INTO read.conversations (conversation_id, tenant_id, stream_id, title, status, \
-               message_count, created_by, created_at, updated_at, version) \
-             SELECT id, tenant, stream, title, 'active', 0, started_by, at, at, version \
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
-               $6::timestamptz[], $7::bigint[]) AS t(id, tenant, stream, title, started_by, at, version) \
-             ON CONFLICT (conversation_id) DO NOTHING",
-        )
-        .bind(&starts.conversation_id)
-        .bind(&starts.tenant_id)
-        .bind(&starts.stream_id)
-        .bind(&starts.title)
-        .bind(&starts.started_by)
-        .bind(&starts.at)
-        .bind(&starts.version)
-        .execute(&mut *conn)
-        .await?;
-    }
-    if changes.conversation_id.is_empty() {
+    if starts.conversation_id.is_empty() && changes.conversation_id.is_empty() {
         return Ok(());
     }
-    let changed: Vec<Uuid> = seen
+    // Conversations changed but not started within the batch: their rows must already exist.
+    let must_exist: Vec<Uuid> = seen
         .iter()
-        .filter(|(_, (_, changed))| *changed)
+        .filter(|(_, (_, changed, started))| *changed && started.is_none())
         .map(|(id, _)| *id)
         .collect();
-    // One round trip: insert the messages; apply, per conversation, only the changes above the
-    // row's version (the guard of the one-by-one updates), the highest version setting
-    // `updated_at` and the last message `last_message_at`; and return a touched conversation
-    // that does not exist, if any. Such a change would be lost (see `ensure_present`): the
-    // whole batch is then refused and the one-by-one path retries or dead-letters the event.
-    // (Every part reads the snapshot taken after the starts above were inserted.)
+    // One round trip: insert the folded new conversations and the messages; apply, per
+    // conversation, only the changes above the row's version (the guard of the one-by-one
+    // updates), the highest version setting `updated_at` and the last message
+    // `last_message_at`; and return a changed conversation that does not exist, if any. Such a
+    // change would be lost (see `ensure_present`): the whole batch is then refused and the
+    // one-by-one path retries or dead-letters the event. Every part reads the snapshot taken
+    // before the statement, so the update never sees a row the same statement inserted: a
+    // conversation inserted here is already folded, one that existed gets its changes.
     let missing: Option<Uuid> = sqlx::query_scalar(
-        "WITH inserted AS ( \
+        "WITH started AS ( \
+           INSERT INTO read.conversations (conversation_id, tenant_id, stream_id, title, status, \
+             message_count, last_message_at, created_by, created_at, updated_at, archived_at, version) \
+           SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::bigint[], $7::timestamptz[], $8::text[], $9::timestamptz[], $10::timestamptz[], \
+             $11::timestamptz[], $12::bigint[]) \
+           ON CONFLICT (conversation_id) DO NOTHING \
+         ), inserted AS ( \
            INSERT INTO read.messages (message_id, conversation_id, tenant_id, author, text, \
              posted_at, stream_version) \
-           SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
-             $6::timestamptz[], $7::bigint[]) \
+           SELECT * FROM unnest($13::uuid[], $14::uuid[], $15::text[], $16::text[], $17::text[], \
+             $18::timestamptz[], $19::bigint[]) \
            ON CONFLICT DO NOTHING \
          ), ev AS ( \
-           SELECT * FROM unnest($8::uuid[], $9::bigint[], $10::timestamptz[], $11::bool[]) \
+           SELECT * FROM unnest($20::uuid[], $21::bigint[], $22::timestamptz[], $23::bool[]) \
              AS t(id, version, at, archive) \
          ), applied AS ( \
            SELECT ev.id, \
@@ -290,10 +305,22 @@ async fn apply_batch(conn: &mut PgConnection, events: &[RecordedEvent]) -> Resul
              version = a.version \
            FROM applied a WHERE c.conversation_id = a.id \
          ) \
-         SELECT t.id FROM unnest($12::uuid[]) AS t(id) \
+         SELECT t.id FROM unnest($24::uuid[]) AS t(id) \
          WHERE NOT EXISTS (SELECT 1 FROM read.conversations c WHERE c.conversation_id = t.id) \
          LIMIT 1",
     )
+    .bind(&starts.conversation_id)
+    .bind(&starts.tenant_id)
+    .bind(&starts.stream_id)
+    .bind(&starts.title)
+    .bind(&starts.status)
+    .bind(&starts.message_count)
+    .bind(&starts.last_message_at)
+    .bind(&starts.started_by)
+    .bind(&starts.at)
+    .bind(&starts.updated_at)
+    .bind(&starts.archived_at)
+    .bind(&starts.version)
     .bind(&messages.message_id)
     .bind(&messages.conversation_id)
     .bind(&messages.tenant_id)
@@ -305,7 +332,7 @@ async fn apply_batch(conn: &mut PgConnection, events: &[RecordedEvent]) -> Resul
     .bind(&changes.version)
     .bind(&changes.at)
     .bind(&changes.archive)
-    .bind(&changed)
+    .bind(&must_exist)
     .fetch_optional(&mut *conn)
     .await?;
     match missing {
@@ -316,7 +343,8 @@ async fn apply_batch(conn: &mut PgConnection, events: &[RecordedEvent]) -> Resul
     }
 }
 
-/// `ConversationStarted` events of a batch, as columns for `unnest`.
+/// Conversations started within a batch, folded with the batch's later changes (the row that
+/// applying them one by one to no row would leave), as columns for `unnest`.
 #[derive(Default)]
 struct Starts {
     conversation_id: Vec<Uuid>,
@@ -325,6 +353,11 @@ struct Starts {
     title: Vec<String>,
     started_by: Vec<String>,
     at: Vec<DateTime<Utc>>,
+    status: Vec<&'static str>,
+    message_count: Vec<i64>,
+    last_message_at: Vec<Option<DateTime<Utc>>>,
+    archived_at: Vec<Option<DateTime<Utc>>>,
+    updated_at: Vec<DateTime<Utc>>,
     version: Vec<i64>,
 }
 

@@ -28,7 +28,9 @@ const CONSUMER_CHECK: Duration = Duration::from_secs(10);
 /// Tuning of a projector. `Default` gives production values.
 #[derive(Debug, Clone)]
 pub struct ProjectorConfig {
-    /// Most messages fetched and applied in one transaction (256).
+    /// Most messages fetched and applied in one transaction (256). A new consumer may have four
+    /// batches unacknowledged (`max_ack_pending`), room for the batch being applied and the one
+    /// prefetched meanwhile.
     pub batch_size: usize,
     /// Deliveries of a failing event before it becomes a dead letter (5).
     pub max_attempts: u32,
@@ -119,6 +121,9 @@ pub struct PartitionWorker {
     projection: Arc<dyn Projection>,
     partition: i32,
     consumer: Option<PullConsumer>,
+    /// Whether the consumer acks cumulatively (`AckPolicy::All`, how this runtime creates
+    /// consumers) rather than message by message (`Explicit`, consumers created before).
+    ack_all: bool,
     consumer_checked: Instant,
     /// The next batch, requested while the previous one was applied.
     prefetched: Option<Batch>,
@@ -142,6 +147,7 @@ impl PartitionWorker {
             projection,
             partition,
             consumer: None,
+            ack_all: false,
             consumer_checked: Instant::now(),
             prefetched: None,
         }
@@ -157,7 +163,10 @@ impl PartitionWorker {
         self.partition
     }
 
-    /// Gets or creates the stream and this worker's durable consumer.
+    /// Gets or creates the stream and this worker's durable consumer. A new consumer acks
+    /// cumulatively (`AckPolicy::All`): one ack per committed batch instead of one per message.
+    /// An existing consumer keeps the ack policy it was created with (JetStream cannot change it)
+    /// and is acked accordingly.
     pub async fn consumer(&mut self) -> Result<PullConsumer, WorkerError> {
         if let Some(c) = &self.consumer {
             return Ok(c.clone());
@@ -174,7 +183,9 @@ impl PartitionWorker {
                 pull::Config {
                     durable_name: Some(name.clone()),
                     deliver_policy: DeliverPolicy::All,
-                    ack_policy: AckPolicy::Explicit,
+                    ack_policy: AckPolicy::All,
+                    max_ack_pending: i64::try_from(self.config.batch_size.saturating_mul(4))
+                        .unwrap_or(i64::MAX),
                     ack_wait: self.config.ack_wait,
                     // Unlimited: the runtime counts attempts itself and dead-letters.
                     max_deliver: -1,
@@ -184,6 +195,7 @@ impl PartitionWorker {
             )
             .await
             .map_err(|e| WorkerError::Nats(format!("consumer {name}: {e}")))?;
+        self.ack_all = consumer.cached_info().config.ack_policy == AckPolicy::All;
         self.consumer = Some(consumer.clone());
         self.consumer_checked = Instant::now();
         Ok(consumer)
@@ -393,11 +405,7 @@ impl PartitionWorker {
         if moved == 0 {
             return Ok(None);
         }
-        for msg in msgs {
-            if let Err(e) = msg.ack().await {
-                tracing::warn!(partition = self.partition, error = %e, "ack failed; the message will be redelivered and skipped");
-            }
-        }
+        self.acknowledge(msgs, |_| AckKind::Ack).await;
         Ok(Some(BatchOutcome {
             fetched: msgs.len(),
             applied: msgs.len(),
@@ -555,20 +563,47 @@ impl PartitionWorker {
         }
         tx.commit().await?;
         // Acks only after the commit: a crash in between means redelivery, which is skipped.
-        for (i, msg) in msgs.iter().enumerate() {
-            let kind = match stop {
-                Some((s, delay)) if i >= s => {
-                    outcome.nacked += 1;
-                    AckKind::Nak(Some(delay))
-                }
-                _ if terminate[i] => AckKind::Term,
-                _ => AckKind::Ack,
+        if let Some((s, _)) = stop {
+            outcome.nacked = msgs.len() - s;
+        }
+        self.acknowledge(msgs, |i| match stop {
+            Some((s, delay)) if i >= s => AckKind::Nak(Some(delay)),
+            _ if terminate[i] => AckKind::Term,
+            _ => AckKind::Ack,
+        })
+        .await;
+        Ok(Some(outcome))
+    }
+
+    /// Answers JetStream for the messages of a committed batch, message `i` with `kind(i)`. When
+    /// every answer is a plain ack and the consumer acks cumulatively, one ack of the message of
+    /// highest stream sequence acks them all. It also acks any earlier message of the consumer
+    /// still out elsewhere (held by another owner, or a chaos client): in the normal case its
+    /// event is at or below the checkpoint just committed; if not (a message republished after
+    /// a loss overtook it), its event is refilled from Postgres through the `Nura-Prev` chain
+    /// when the partition's next message arrives, so it is late, never lost. A batch with a nak
+    /// or a termination is answered message by message, so an event to retry is never acked.
+    async fn acknowledge(&self, msgs: &[jetstream::Message], kind: impl Fn(usize) -> AckKind) {
+        let kinds: Vec<AckKind> = (0..msgs.len()).map(kind).collect();
+        let all_acks = kinds.iter().all(|k| matches!(k, AckKind::Ack));
+        let highest = || {
+            msgs.iter()
+                .map(|m| m.info().map(|i| i.stream_sequence).ok().map(|s| (s, m)))
+                .collect::<Option<Vec<_>>>()?
+                .into_iter()
+                .max_by_key(|(s, _)| *s)
+                .map(|(_, m)| m)
+        };
+        let answers: Vec<(&jetstream::Message, AckKind)> =
+            match (self.ack_all && all_acks).then(highest).flatten() {
+                Some(last) => vec![(last, AckKind::Ack)],
+                None => msgs.iter().zip(kinds).collect(),
             };
+        for (msg, kind) in answers {
             if let Err(e) = msg.ack_with(kind).await {
                 tracing::warn!(partition = self.partition, error = %e, "ack failed; the message will be redelivered and skipped");
             }
         }
-        Ok(Some(outcome))
     }
 
     /// Loads the partition's events in `(checkpoint, event]` from Postgres: JetStream lost or

@@ -30,21 +30,34 @@ async fn chaos(
     let mut consumers: Vec<PullConsumer> = Vec::new();
     for p in 0..partitions {
         let name = format!("{}_p{p}", conversations::NAME);
-        let c = stream
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    deliver_policy: DeliverPolicy::All,
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: test_config().ack_wait,
-                    max_deliver: -1,
-                    filter_subject: topology.partition_filter(p),
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("consumer");
+        // The workers create the same consumers at the same time, with another ack policy: the
+        // loser of that race fails to create and finds the winner's consumer on a second try.
+        let mut tries = 0;
+        let c = loop {
+            match stream
+                .get_or_create_consumer(
+                    &name,
+                    pull::Config {
+                        durable_name: Some(name.clone()),
+                        deliver_policy: DeliverPolicy::All,
+                        ack_policy: AckPolicy::Explicit,
+                        ack_wait: test_config().ack_wait,
+                        max_deliver: -1,
+                        filter_subject: topology.partition_filter(p),
+                        ..Default::default()
+                    },
+                )
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) if tries < 5 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "chaos consumer not created; trying again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("consumer {name}: {e}"),
+            }
+        };
         consumers.push(c);
     }
     let (mut nacked, mut dropped) = (0, 0);
