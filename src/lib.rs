@@ -60,7 +60,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = open_store(&args.db).await?;
             let js = connect_jetstream(&args.nats).await?;
             let shutdown = shutdown_on_signal();
-            projector(store, js, args.nats.topology(), shutdown).await
+            projector(
+                store,
+                js,
+                args.nats.topology(),
+                Default::default(),
+                shutdown,
+            )
+            .await
         }
         Command::Serve(args) => serve(*args).await,
         Command::Bench(args) => bench::run(args).await,
@@ -129,7 +136,16 @@ async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
         &tasks,
         &shutdown,
         "projector conversations",
-        projector(store.clone(), js, args.nats.topology(), shutdown.clone()),
+        projector(
+            store.clone(),
+            js,
+            args.nats.topology(),
+            nura_projections::ProjectorConfig {
+                checkpoint_board: Some(checkpoint_board),
+                ..Default::default()
+            },
+            shutdown.clone(),
+        ),
     );
     supervise(&tasks, &shutdown, "http", {
         let shutdown = shutdown.clone();
@@ -191,16 +207,10 @@ async fn projector(
     store: EventStore,
     js: async_nats::jetstream::Context,
     topology: nura_nats::Topology,
+    config: nura_projections::ProjectorConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    nura_projections::run(
-        store,
-        js,
-        topology,
-        nura_projections::ProjectorConfig::default(),
-        shutdown,
-    )
-    .await
+    nura_projections::run(store, js, topology, config, shutdown).await
 }
 
 async fn connect_db(db: &DbArgs) -> anyhow::Result<PgPool> {

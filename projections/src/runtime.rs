@@ -10,7 +10,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use nura_nats::{Delivered, Topology};
-use nura_store::{EventStore, Position, RecordedEvent, StoreError};
+use nura_store::{CheckpointBoard, EventStore, Position, RecordedEvent, StoreError};
 use sqlx::{Connection, PgConnection, Row};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +42,9 @@ pub struct ProjectorConfig {
     pub ack_wait: Duration,
     /// How long a fetch waits for messages when the partition is idle (1 s).
     pub idle_fetch_wait: Duration,
+    /// Where each committed checkpoint is posted, for read-your-writes waiters in this process
+    /// (none).
+    pub checkpoint_board: Option<CheckpointBoard>,
 }
 
 impl Default for ProjectorConfig {
@@ -53,6 +56,7 @@ impl Default for ProjectorConfig {
             backoff_max: Duration::from_secs(30),
             ack_wait: Duration::from_secs(30),
             idle_fetch_wait: Duration::from_secs(1),
+            checkpoint_board: None,
         }
     }
 }
@@ -405,6 +409,7 @@ impl PartitionWorker {
         if moved == 0 {
             return Ok(None);
         }
+        self.posted(to);
         self.acknowledge(msgs, |_| AckKind::Ack).await;
         Ok(Some(BatchOutcome {
             fetched: msgs.len(),
@@ -562,6 +567,9 @@ impl PartitionWorker {
             .await?;
         }
         tx.commit().await?;
+        if checkpoint != start {
+            self.posted(checkpoint);
+        }
         // Acks only after the commit: a crash in between means redelivery, which is skipped.
         if let Some((s, _)) = stop {
             outcome.nacked = msgs.len() - s;
@@ -573,6 +581,13 @@ impl PartitionWorker {
         })
         .await;
         Ok(Some(outcome))
+    }
+
+    /// Posts a committed checkpoint to the process's board, if there is one.
+    fn posted(&self, checkpoint: Position) {
+        if let Some(board) = &self.config.checkpoint_board {
+            board.post(self.projection.name(), self.partition, checkpoint);
+        }
     }
 
     /// Answers JetStream for the messages of a committed batch, message `i` with `kind(i)`. When

@@ -7,7 +7,8 @@ mod common;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use common::*;
-use nura_projections::conversations;
+use nura_projections::{ProjectorConfig, conversations};
+use nura_store::{CheckpointBoard, CommitToken};
 use std::time::Duration;
 
 /// Runs one worker per partition over some traffic and returns, per partition, the consumer's ack
@@ -16,8 +17,28 @@ async fn drain_and_inspect(env: &Env) -> Vec<(AckPolicy, u64, u64)> {
     let counts = append_traffic(&env.store, 20, 600, "acme").await;
     let heads = partition_heads(&env.store).await;
     Publisher::new(env).publish_new(&env.store).await;
-    let running = spawn_workers(env.workers(&test_config()));
+    let board = CheckpointBoard::default();
+    let config = ProjectorConfig {
+        checkpoint_board: Some(board.clone()),
+        ..test_config()
+    };
+    let running = spawn_workers(env.workers(&config));
     wait_caught_up(&env.store, &heads, Duration::from_secs(60)).await;
+    // Every committed checkpoint was posted to the process's board too (read-your-writes
+    // waiters in the process watch it instead of the table).
+    for (&partition, &position) in &heads {
+        let token = CommitToken {
+            position,
+            partition,
+        };
+        assert!(
+            board
+                .subscribe()
+                .borrow()
+                .passed(conversations::NAME, token),
+            "partition {partition}: checkpoint not posted"
+        );
+    }
     let stream = env.topology.ensure_stream(&env.js).await.expect("stream");
     // The last acks travel after the commit that made the checkpoint visible: give them a moment.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

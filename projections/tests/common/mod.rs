@@ -72,6 +72,7 @@ pub fn test_config() -> ProjectorConfig {
         backoff_max: Duration::from_millis(200),
         ack_wait: Duration::from_secs(2),
         idle_fetch_wait: Duration::from_millis(200),
+        checkpoint_board: None,
     }
 }
 
