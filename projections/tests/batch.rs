@@ -181,7 +181,21 @@ async fn a_poison_event_inside_a_batch_is_one_dead_letter_and_the_rest_of_the_ba
         .await
         .expect("trigger");
         let mut counts = append_traffic(&env.store, 16, 80, "acme").await;
-        let poisoned = Uuid::now_v7();
+        // The poisoned conversation shares a partition with a conversation of the traffic
+        // before it, and another conversation of that partition follows it: the poison sits
+        // inside its partition's batch whatever ids the traffic drew.
+        let partitions = env.store.partitions();
+        let partition_of = |id: Uuid| {
+            nura_store::partition_of(&nura_domain::conversation::stream_id(id), partitions)
+        };
+        let shared = partition_of(*counts.keys().next().expect("traffic"));
+        let in_shared = || loop {
+            let id = Uuid::now_v7();
+            if partition_of(id) == shared {
+                return id;
+            }
+        };
+        let poisoned = in_shared();
         append(
             &env.store,
             poisoned,
@@ -191,6 +205,15 @@ async fn a_poison_event_inside_a_batch_is_one_dead_letter_and_the_rest_of_the_ba
         .await;
         append(&env.store, poisoned, "acme", &[posted("poison", 2)]).await;
         counts.insert(poisoned, 1);
+        let neighbour = in_shared();
+        append(
+            &env.store,
+            neighbour,
+            "acme",
+            &[started(neighbour, "acme", 0), posted("after", 1)],
+        )
+        .await;
+        counts.insert(neighbour, 1);
         for (id, n) in append_traffic(&env.store, 16, 80, "acme").await {
             counts.insert(id, n);
         }
