@@ -398,6 +398,7 @@ where
             // accepted stream: its last event (version, position, transaction).
             let mut checked: Vec<Option<(i64, bool)>> = vec![None; n];
             let mut last: HashMap<String, (i64, i64, i64)> = HashMap::with_capacity(n);
+            let mut undecoded = false;
             for row in rows {
                 let decoded: Result<(), sqlx::Error> = (|| {
                     let idx: Option<i32> = row.try_get(0)?;
@@ -422,6 +423,7 @@ where
                 })();
                 if let Err(e) = decoded {
                     tracing::warn!(error = %e, "group commit row not decoded");
+                    undecoded = true;
                 }
             }
             for (i, (req, _)) in batch.iter().enumerate() {
@@ -443,6 +445,8 @@ where
                         event_ids: req.events.iter().map(|e| e.event_id).collect(),
                         replayed: false,
                     }),
+                    // A row we could not read may have been this command's: ask on its own.
+                    None if undecoded => continue,
                     // Checked in the same snapshot: the stream moved and the command id is new.
                     None => Err(StoreError::Conflict {
                         stream_id: req.stream_id.clone(),
