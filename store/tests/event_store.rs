@@ -1,7 +1,7 @@
 //! Event store tests against a real Postgres (TESTPLAN ES1, ES2, ES3 for the log reader).
 
 use nura_store::{
-    CommandRecord, EventStore, ExpectedVersion, Metadata, NewEvent, Position, StoreError,
+    Appended, CommandRecord, EventStore, ExpectedVersion, Metadata, NewEvent, Position, StoreError,
 };
 use nura_testkit::TestDb;
 use sqlx::{Connection, Executor};
@@ -181,6 +181,115 @@ async fn a_repeated_command_is_stored_once_and_returns_its_first_result() {
         .await
         .unwrap();
     assert_eq!(stored, 1, "one copy stored");
+}
+
+/// The first result is read back from the events a command wrote: its versions, its commit
+/// token and its event ids in order, untouched by later commands on the same stream.
+#[tokio::test]
+async fn a_repeat_of_a_command_of_several_events_returns_exactly_its_first_result() {
+    for (_db, store) in [store().await, grouped_store().await] {
+        store
+            .append(
+                "counter-m",
+                ExpectedVersion::Exact(0),
+                &[event(0)],
+                &meta("m0"),
+                None,
+            )
+            .await
+            .unwrap();
+        let first = store
+            .append(
+                "counter-m",
+                ExpectedVersion::Exact(1),
+                &[event(1), event(2), event(3)],
+                &meta("m1"),
+                Some(&cmd("m1", "body")),
+            )
+            .await
+            .unwrap();
+        assert_eq!((first.first_version, first.last_version), (2, 4));
+        store
+            .append(
+                "counter-m",
+                ExpectedVersion::Exact(4),
+                &[event(4)],
+                &meta("m2"),
+                None,
+            )
+            .await
+            .unwrap();
+        let again = store
+            .append(
+                "counter-m",
+                ExpectedVersion::Exact(5),
+                &[event(9)],
+                &meta("m1"),
+                Some(&cmd("m1", "body")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            Appended {
+                replayed: true,
+                ..first.clone()
+            }
+        );
+        let (hash, recorded) = store.recorded_command("m1").await.unwrap().unwrap();
+        assert_eq!(hash, b"body".to_vec());
+        assert_eq!(
+            recorded,
+            Some(Appended {
+                replayed: true,
+                ..first
+            })
+        );
+    }
+}
+
+/// Records written before migration 0005 carry their result as jsonb and no versions.
+#[tokio::test]
+async fn a_repeat_of_a_command_recorded_with_a_stored_result_returns_that_result() {
+    let (_db, store) = store().await;
+    let first = store
+        .append(
+            "counter-old",
+            ExpectedVersion::Exact(0),
+            &[event(1)],
+            &meta("old"),
+            None,
+        )
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO es.commands (command_id, request_hash, stream_id, result) VALUES ($1, $2, $3, $4)",
+    )
+    .bind("old")
+    .bind(b"body".to_vec())
+    .bind("counter-old")
+    .bind(sqlx::types::Json(&first))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let again = store
+        .append(
+            "counter-old",
+            ExpectedVersion::Exact(1),
+            &[event(2)],
+            &meta("old"),
+            Some(&cmd("old", "body")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Appended {
+            replayed: true,
+            ..first
+        }
+    );
+    assert_eq!(store.stream_version("counter-old").await.unwrap(), 1);
 }
 
 #[tokio::test]
