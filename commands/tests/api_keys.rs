@@ -94,14 +94,16 @@ async fn an_issued_key_is_shown_once_and_only_its_hash_is_stored() {
         let stored = events_text(&db.pool).await;
         assert!(!stored.contains(secret), "the secret reached the event log");
         assert!(!stored.contains(plaintext));
-        let results: String = sqlx::query_scalar(
-            "SELECT coalesce(string_agg(result::text, ' '), '') FROM es.commands",
+        // Whole rows: whatever columns the idempotency record has now or gains later.
+        let (records, rows): (i64, String) = sqlx::query_as(
+            "SELECT count(*), coalesce(string_agg(c::text, ' '), '') FROM es.commands c",
         )
         .fetch_one(&db.pool)
         .await
         .expect("commands");
+        assert_eq!(records, 1, "the issue command left its idempotency record");
         assert!(
-            !results.contains(secret),
+            !rows.contains(secret),
             "the secret reached the idempotency table"
         );
 
