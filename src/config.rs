@@ -66,7 +66,7 @@ pub struct DbArgs {
     pub database_max_connections: u32,
     /// Group-commit lanes for appends (concurrent commands share a transaction); 0 turns group
     /// commit off.
-    #[arg(long, env = "GROUP_COMMIT_LANES", default_value_t = 4)]
+    #[arg(long, env = "GROUP_COMMIT_LANES", default_value_t = 2)]
     pub group_commit_lanes: usize,
     /// Most commands in one group commit.
     #[arg(long, env = "GROUP_COMMIT_MAX_BATCH", default_value_t = 128)]
@@ -340,7 +340,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_parser = ["append", "backlog", "http"])]
     pub only: Vec<String>,
     /// Group-commit lanes of the append phase (as `nura serve`'s `GROUP_COMMIT_LANES`).
-    #[arg(long, env = "GROUP_COMMIT_LANES", default_value_t = 4)]
+    #[arg(long, env = "GROUP_COMMIT_LANES", default_value_t = 2)]
     pub group_commit_lanes: usize,
     /// Most commands in one group commit (as `nura serve`'s `GROUP_COMMIT_MAX_BATCH`).
     #[arg(long, env = "GROUP_COMMIT_MAX_BATCH", default_value_t = 128)]
