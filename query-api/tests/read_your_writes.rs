@@ -28,6 +28,15 @@ const TOKEN: CommitToken = CommitToken {
     partition: 3,
 };
 
+/// A request waiting up to 10 s for `TOKEN`.
+fn spawn_wait(ryw: &ReadYourWrites) -> tokio::task::JoinHandle<Result<(), nura_http::ApiError>> {
+    let ryw = ryw.clone();
+    tokio::spawn(async move {
+        ryw.wait_for(PROJECTOR, TOKEN, Duration::from_secs(10))
+            .await
+    })
+}
+
 #[tokio::test]
 async fn a_read_waits_until_the_checkpoint_of_its_partition_passes_the_token() {
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -61,13 +70,7 @@ async fn a_read_waits_until_the_checkpoint_of_its_partition_passes_the_token() {
 
         // Committed by a projector of another process: the poll of the table finds it. A later
         // transaction with a lower position is past the token (commit order).
-        let waiter = tokio::spawn({
-            let ryw = ryw.clone();
-            async move {
-                ryw.wait_for(PROJECTOR, TOKEN, Duration::from_secs(10))
-                    .await
-            }
-        });
+        let waiter = spawn_wait(&ryw);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!waiter.is_finished());
         checkpoint(&db, 3, 1001, 7).await;
@@ -87,13 +90,7 @@ async fn a_checkpoint_posted_in_the_process_wakes_the_waiter_without_the_table()
         let db = TestDb::new().await;
         let board = CheckpointBoard::default();
         let ryw = ReadYourWrites::start(db.pool.clone(), board.clone());
-        let waiter = tokio::spawn({
-            let ryw = ryw.clone();
-            async move {
-                ryw.wait_for(PROJECTOR, TOKEN, Duration::from_secs(10))
-                    .await
-            }
-        });
+        let waiter = spawn_wait(&ryw);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!waiter.is_finished());
         // The table never shows it: only the post can end the wait.
