@@ -259,13 +259,7 @@ impl EventStore {
         after: Position,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let sql = format!("SELECT {EVENT_COLUMNS} {LOG_AFTER}");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(after.tx)
-            .bind(after.pos)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = self.read_log(EVENT_COLUMNS, after, limit).await?;
         rows.iter().map(decode_event).collect()
     }
 
@@ -277,16 +271,26 @@ impl EventStore {
         after: Position,
         limit: i64,
     ) -> Result<Vec<RawEvent>, StoreError> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS}, coalesce(e.metadata->>'tenant_id', '') AS tenant_id {LOG_AFTER}"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let columns =
+            format!("{EVENT_COLUMNS}, coalesce(e.metadata->>'tenant_id', '') AS tenant_id");
+        let rows = self.read_log(&columns, after, limit).await?;
+        rows.iter().map(decode_raw_event).collect()
+    }
+
+    /// `columns` of the log's rows after `after` in commit order, up to `limit` ([`LOG_AFTER`]).
+    async fn read_log(
+        &self,
+        columns: &str,
+        after: Position,
+        limit: i64,
+    ) -> Result<Vec<sqlx::postgres::PgRow>, StoreError> {
+        let sql = format!("SELECT {columns} {LOG_AFTER}");
+        Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(after.tx)
             .bind(after.pos)
             .bind(limit)
             .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(decode_raw_event).collect()
+            .await?)
     }
 
     /// Reads one partition's events in `(after, up_to]`, in commit order. Used to fill a hole
