@@ -8,14 +8,15 @@
 //! retries and the runtime's careful path) and [`Projection::apply_batch`] (a whole batch in one
 //! statement, the runtime's fast path). `tests/batch.rs` holds them to the same rows.
 
-use crate::projection::{ApplyError, Projection};
+use crate::projection::{ApplyError, Gate, Gated, Projection};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use nura_domain::DomainEvent;
 use nura_domain::conversation::ConversationEvent;
 use nura_store::RecordedEvent;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Row};
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use uuid::Uuid;
 
 /// The projector's name (checkpoints, consumers `conversations_p<N>`, dead letters).
@@ -49,7 +50,24 @@ impl Projection for Conversations {
         conn: &'a mut PgConnection,
         events: &'a [RecordedEvent],
     ) -> BoxFuture<'a, Result<(), ApplyError>> {
-        Box::pin(apply_batch(conn, events))
+        Box::pin(async move {
+            apply_batch(conn, events, None).await?;
+            Ok(())
+        })
+    }
+
+    fn apply_batch_gated<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [RecordedEvent],
+        gate: &'a Gate,
+    ) -> BoxFuture<'a, Result<Gated, ApplyError>> {
+        Box::pin(async move {
+            Ok(match apply_batch(conn, events, Some(gate)).await? {
+                true => Gated::Applied,
+                false => Gated::Refused,
+            })
+        })
     }
 }
 
@@ -168,7 +186,16 @@ async fn apply(conn: &mut PgConnection, event: &RecordedEvent) -> Result<(), App
 /// update applies the changes above its version, as one by one would. A batch where that
 /// reasoning does not hold (versions of a stream not rising, a change before its stream's start,
 /// a second start) is refused, and the runtime applies it one by one.
-async fn apply_batch(conn: &mut PgConnection, events: &[RecordedEvent]) -> Result<(), ApplyError> {
+///
+/// With a `gate` the same statement also moves the checkpoint, and writes nothing unless the
+/// gate passes, which it does only if every conversation the batch changes without starting it
+/// exists (else the one-by-one path must decide); returns whether it passed. Without one it
+/// always returns true.
+async fn apply_batch(
+    conn: &mut PgConnection,
+    events: &[RecordedEvent],
+    gate: Option<&Gate>,
+) -> Result<bool, ApplyError> {
     let mut starts = Starts::default();
     let mut messages = Messages::default();
     let mut changes = Changes::default();
@@ -252,8 +279,8 @@ async fn apply_batch(conn: &mut PgConnection, events: &[RecordedEvent]) -> Resul
             }
         }
     }
-    if starts.conversation_id.is_empty() && changes.conversation_id.is_empty() {
-        return Ok(());
+    if gate.is_none() && starts.conversation_id.is_empty() && changes.conversation_id.is_empty() {
+        return Ok(true);
     }
     // Conversations changed but not started within the batch: their rows must already exist.
     let must_exist: Vec<Uuid> = seen
@@ -266,25 +293,71 @@ async fn apply_batch(conn: &mut PgConnection, events: &[RecordedEvent]) -> Resul
     // updates), the highest version setting `updated_at` and the last message
     // `last_message_at`; and return a changed conversation that does not exist, if any. Such a
     // change would be lost (see `ensure_present`): the whole batch is then refused and the
-    // one-by-one path retries or dead-letters the event. Every part reads the snapshot taken
+    // one-by-one path retries or dead-letters the event (a gated statement writes nothing then). Every part reads the snapshot taken
     // before the statement, so the update never sees a row the same statement inserted: a
     // conversation inserted here is already folded, one that existed gets its changes.
-    let missing: Option<Uuid> = sqlx::query_scalar(
-        "WITH started AS ( \
+    // Built once from constants (no input reaches the text).
+    let row = Gate::bind(gate, sqlx::query(sqlx::AssertSqlSafe(BATCH.as_str())))
+        .bind(&starts.conversation_id)
+        .bind(&starts.tenant_id)
+        .bind(&starts.stream_id)
+        .bind(&starts.title)
+        .bind(&starts.status)
+        .bind(&starts.message_count)
+        .bind(&starts.last_message_at)
+        .bind(&starts.started_by)
+        .bind(&starts.at)
+        .bind(&starts.updated_at)
+        .bind(&starts.archived_at)
+        .bind(&starts.version)
+        .bind(&messages.message_id)
+        .bind(&messages.conversation_id)
+        .bind(&messages.tenant_id)
+        .bind(&messages.author)
+        .bind(&messages.text)
+        .bind(&messages.at)
+        .bind(&messages.version)
+        .bind(&changes.conversation_id)
+        .bind(&changes.version)
+        .bind(&changes.at)
+        .bind(&changes.archive)
+        .bind(&must_exist)
+        .fetch_one(&mut *conn)
+        .await?;
+    let (passed, missing): (bool, Option<Uuid>) = (row.try_get(0)?, row.try_get(1)?);
+    match (gate, missing) {
+        (None, Some(id)) => Err(ApplyError::Inconsistent(format!(
+            "conversation {id} was never started in the read model"
+        ))),
+        _ => Ok(passed),
+    }
+}
+
+/// [`apply_batch`]'s statement: the gate's parameters first (`$1`–`$8`), then the batch's.
+static BATCH: LazyLock<String> = LazyLock::new(|| {
+    let open = Gate::open(1);
+    format!(
+        "WITH missing AS ( \
+           SELECT t.id FROM unnest($32::uuid[]) AS t(id) \
+           WHERE NOT EXISTS (SELECT 1 FROM read.conversations c WHERE c.conversation_id = t.id) \
+           LIMIT 1 \
+         ), {gate}, started AS ( \
            INSERT INTO read.conversations (conversation_id, tenant_id, stream_id, title, status, \
              message_count, last_message_at, created_by, created_at, updated_at, archived_at, version) \
-           SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::bigint[], $7::timestamptz[], $8::text[], $9::timestamptz[], $10::timestamptz[], \
-             $11::timestamptz[], $12::bigint[]) \
+           SELECT * FROM unnest($9::uuid[], $10::text[], $11::text[], $12::text[], $13::text[], \
+             $14::bigint[], $15::timestamptz[], $16::text[], $17::timestamptz[], $18::timestamptz[], \
+             $19::timestamptz[], $20::bigint[]) \
+           WHERE {open} \
            ON CONFLICT (conversation_id) DO NOTHING \
          ), inserted AS ( \
            INSERT INTO read.messages (message_id, conversation_id, tenant_id, author, text, \
              posted_at, stream_version) \
-           SELECT * FROM unnest($13::uuid[], $14::uuid[], $15::text[], $16::text[], $17::text[], \
-             $18::timestamptz[], $19::bigint[]) \
+           SELECT * FROM unnest($21::uuid[], $22::uuid[], $23::text[], $24::text[], $25::text[], \
+             $26::timestamptz[], $27::bigint[]) \
+           WHERE {open} \
            ON CONFLICT DO NOTHING \
          ), ev AS ( \
-           SELECT * FROM unnest($20::uuid[], $21::bigint[], $22::timestamptz[], $23::bool[]) \
+           SELECT * FROM unnest($28::uuid[], $29::bigint[], $30::timestamptz[], $31::bool[]) \
              AS t(id, version, at, archive) \
          ), applied AS ( \
            SELECT ev.id, \
@@ -303,45 +376,12 @@ async fn apply_batch(conn: &mut PgConnection, events: &[RecordedEvent]) -> Resul
              archived_at = coalesce(a.archived_at, c.archived_at), \
              updated_at = a.updated_at, \
              version = a.version \
-           FROM applied a WHERE c.conversation_id = a.id \
+           FROM applied a WHERE c.conversation_id = a.id AND {open} \
          ) \
-         SELECT t.id FROM unnest($24::uuid[]) AS t(id) \
-         WHERE NOT EXISTS (SELECT 1 FROM read.conversations c WHERE c.conversation_id = t.id) \
-         LIMIT 1",
+         SELECT EXISTS (SELECT 1 FROM gate), (SELECT id FROM missing)",
+        gate = Gate::cte(1, "NOT EXISTS (SELECT 1 FROM missing)"),
     )
-    .bind(&starts.conversation_id)
-    .bind(&starts.tenant_id)
-    .bind(&starts.stream_id)
-    .bind(&starts.title)
-    .bind(&starts.status)
-    .bind(&starts.message_count)
-    .bind(&starts.last_message_at)
-    .bind(&starts.started_by)
-    .bind(&starts.at)
-    .bind(&starts.updated_at)
-    .bind(&starts.archived_at)
-    .bind(&starts.version)
-    .bind(&messages.message_id)
-    .bind(&messages.conversation_id)
-    .bind(&messages.tenant_id)
-    .bind(&messages.author)
-    .bind(&messages.text)
-    .bind(&messages.at)
-    .bind(&messages.version)
-    .bind(&changes.conversation_id)
-    .bind(&changes.version)
-    .bind(&changes.at)
-    .bind(&changes.archive)
-    .bind(&must_exist)
-    .fetch_optional(&mut *conn)
-    .await?;
-    match missing {
-        Some(id) => Err(ApplyError::Inconsistent(format!(
-            "conversation {id} was never started in the read model"
-        ))),
-        None => Ok(()),
-    }
-}
+});
 
 /// Conversations started within a batch, folded with the batch's later changes (the row that
 /// applying them one by one to no row would leave), as columns for `unnest`.

@@ -23,7 +23,7 @@ mod projection;
 mod runtime;
 
 pub use dead_letters::{DeadLetter, RetryError, RetryOutcome, admin_router, retry_dead_letter};
-pub use projection::{ApplyError, FoldError, Projection, fold, projection_named};
+pub use projection::{ApplyError, FoldError, Gate, Gated, Projection, fold, projection_named};
 pub use runtime::{
     BatchOutcome, PartitionWorker, ProjectorConfig, WorkerError, run, run_projection,
 };

@@ -7,32 +7,10 @@ mod common;
 use common::*;
 use nura_projections::Projection;
 use nura_projections::conversations::{self, Conversations};
-use nura_store::{Position, RecordedEvent};
+use nura_store::RecordedEvent;
 use std::collections::HashMap;
 use std::time::Duration;
 use uuid::Uuid;
-
-/// The whole log in commit order (waiting, bounded, while an open transaction elsewhere on the
-/// server holds log readers back).
-async fn log(env: &Env) -> Vec<RecordedEvent> {
-    let stored = total_events(&env.store).await as usize;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let events = env
-            .store
-            .read_all(Position::ZERO, 10_000)
-            .await
-            .expect("read_all");
-        if events.len() >= stored {
-            return events;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "log readers held back for 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Applies `events` as one batch in one transaction, as the runtime's fast path does.
 async fn apply_as_batch(env: &Env, events: &[RecordedEvent]) {

@@ -339,6 +339,7 @@ pub fn add(sum: &mut BatchOutcome, o: &BatchOutcome) {
     sum.parked += o.parked;
     sum.nacked += o.nacked;
     sum.undecodable += o.undecodable;
+    sum.gated += o.gated;
 }
 
 /// Polls until every partition reached its head, or panics after `limit`.
@@ -381,6 +382,28 @@ pub async fn assert_equals_fold(store: &EventStore, counts: &HashMap<Uuid, i64>)
     let actual_counts: HashMap<Uuid, i64> = rows.into_iter().collect();
     for (id, n) in counts {
         assert_eq!(actual_counts.get(id), Some(n), "message_count of {id}");
+    }
+}
+
+/// The whole log in commit order (waiting, bounded, while an open transaction elsewhere on the
+/// server holds log readers back).
+pub async fn log(env: &Env) -> Vec<RecordedEvent> {
+    let stored = total_events(&env.store).await as usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = env
+            .store
+            .read_all(Position::ZERO, 10_000)
+            .await
+            .expect("read_all");
+        if events.len() >= stored {
+            return events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "log readers held back for 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
