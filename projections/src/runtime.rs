@@ -24,6 +24,10 @@ const OWNERSHIP_CHECK: Duration = Duration::from_secs(5);
 /// How often an idle worker checks that its consumer still exists (the stream may have been
 /// deleted and recreated, which silently orphans a consumer handle).
 const CONSUMER_CHECK: Duration = Duration::from_secs(10);
+/// Longest a checkpoint moved only by batches of other aggregates' events stays unwritten while
+/// such batches keep coming (it is written at once when the partition goes idle or another kind
+/// of batch arrives).
+const FOREIGN_WRITE_EVERY: Duration = Duration::from_millis(100);
 
 /// Tuning of a projector. `Default` gives production values.
 #[derive(Debug, Clone)]
@@ -133,6 +137,11 @@ pub struct PartitionWorker {
     consumer_checked: Instant,
     /// The next batch, requested while the previous one was applied.
     prefetched: Option<Batch>,
+    /// The checkpoint as this worker last wrote or read it (`None`: unknown).
+    written: Option<Position>,
+    /// Where batches of other aggregates' events moved the checkpoint since `written`, and since
+    /// when: not written yet (see [`PartitionWorker::pass_foreign_batch`]).
+    unwritten: Option<(Position, Instant)>,
 }
 
 impl PartitionWorker {
@@ -156,6 +165,8 @@ impl PartitionWorker {
             ack_all: false,
             consumer_checked: Instant::now(),
             prefetched: None,
+            written: None,
+            unwritten: None,
         }
     }
 
@@ -216,6 +227,7 @@ impl PartitionWorker {
         let waited = Instant::now();
         let msgs = self.receive().await?;
         if msgs.is_empty() {
+            self.write_foreign_progress().await?;
             self.check_consumer().await;
             return Ok(BatchOutcome::default());
         }
@@ -321,6 +333,9 @@ impl PartitionWorker {
     /// partition): its messages are nacked without delay so whoever projects the partition next
     /// gets them at once instead of after `ack_wait`. Waits at most for the fetch to expire.
     pub async fn release(&mut self) {
+        if let Err(e) = self.write_foreign_progress().await {
+            tracing::warn!(partition = self.partition, error = %e, "could not write the checkpoint on release");
+        }
         let Some(mut batch) = self.prefetched.take() else {
             return;
         };
@@ -353,7 +368,12 @@ impl PartitionWorker {
     /// The path is counted in `nura_projector_batches_total{path}`: `foreign`, `gated`,
     /// `transaction`, `careful`.
     async fn apply(&mut self, msgs: &[jetstream::Message]) -> Result<BatchOutcome, WorkerError> {
-        let (path, outcome) = if let Some(o) = self.pass_foreign_batch(msgs).await? {
+        let foreign = self.pass_foreign_batch(msgs).await?;
+        if foreign.is_none() {
+            // Every other path reads the checkpoint from the table.
+            self.write_foreign_progress().await?;
+        }
+        let (path, outcome) = if let Some(o) = foreign {
             ("foreign", o)
         } else if let Some(o) = self.apply_gated(msgs).await? {
             ("gated", o)
@@ -454,6 +474,7 @@ impl PartitionWorker {
             }
         }
         drop(conn);
+        self.written = Some(to);
         self.posted(to);
         self.acknowledge(msgs, |_| AckKind::Ack).await;
         Ok(Some(BatchOutcome {
@@ -466,12 +487,20 @@ impl PartitionWorker {
 
     /// A batch made only of events of streams the projection does not read (another aggregate's)
     /// changes no rows. When it also continues the checkpoint's chain — each message's
-    /// `Nura-Prev` is the previous message's position, and the first one's is the checkpoint —
-    /// one conditional `UPDATE` moves the checkpoint past it, without a transaction, and the
-    /// messages are acked. Read from the headers only. `None` when the batch does not qualify or
-    /// the checkpoint is elsewhere (a redelivery, a hole, another owner's progress, no row yet):
-    /// the transactional path decides those. Streams the projection does not read are never
-    /// parked behind its dead letters, since it never fails on them.
+    /// `Nura-Prev` is the previous message's position, and the first one's is the checkpoint — the
+    /// checkpoint moves past it without a transaction and the messages are acked. Read from the
+    /// headers only. Streams the projection does not read are never parked behind its dead
+    /// letters, since it never fails on them.
+    ///
+    /// Such batches are most of a projection's traffic when it reads one aggregate among many,
+    /// so when the chain continues the checkpoint this worker wrote, the move stays in memory
+    /// and is written at most every [`FOREIGN_WRITE_EVERY`], when the partition goes idle, or
+    /// before any other kind of batch. If the process dies first, the table's checkpoint is
+    /// behind the acked messages; the next owner's first message then breaks the chain from the
+    /// table, and the hole is filled from Postgres: events that change no rows, read again.
+    ///
+    /// `None` when the batch does not qualify or the checkpoint is elsewhere (a redelivery, a
+    /// hole, another owner's progress, no row yet): the other paths decide those.
     async fn pass_foreign_batch(
         &mut self,
         msgs: &[jetstream::Message],
@@ -480,6 +509,45 @@ impl PartitionWorker {
         let Some((from, to)) = self.chain(msgs, |stream| !projection.reads_stream(stream)) else {
             return Ok(None);
         };
+        let current = self.unwritten.map(|(p, _)| p).or(self.written);
+        if current == Some(from) {
+            let since = self.unwritten.map_or_else(Instant::now, |(_, since)| since);
+            self.unwritten = Some((to, since));
+            if since.elapsed() >= FOREIGN_WRITE_EVERY {
+                self.write_foreign_progress().await?;
+            }
+        } else {
+            self.write_foreign_progress().await?;
+            if !self.move_checkpoint(from, to).await? {
+                return Ok(None);
+            }
+        }
+        self.posted(to);
+        self.acknowledge(msgs, |_| AckKind::Ack).await;
+        Ok(Some(BatchOutcome {
+            fetched: msgs.len(),
+            applied: msgs.len(),
+            ..Default::default()
+        }))
+    }
+
+    /// Writes the checkpoint that batches of other aggregates' events moved in memory, if any.
+    /// If the table's checkpoint is no longer the one this worker wrote (another owner moved
+    /// it), the in-memory progress is dropped: that owner's chain covers those events.
+    async fn write_foreign_progress(&mut self) -> Result<(), WorkerError> {
+        let (Some((to, _)), Some(from)) = (self.unwritten, self.written) else {
+            return Ok(());
+        };
+        self.unwritten = None;
+        if !self.move_checkpoint(from, to).await? {
+            self.written = None;
+        }
+        Ok(())
+    }
+
+    /// Moves the checkpoint from `from` to `to` with one conditional `UPDATE`, without a
+    /// transaction; false (nothing changed) when it is not at `from`.
+    async fn move_checkpoint(&mut self, from: Position, to: Position) -> Result<bool, WorkerError> {
         let moved = sqlx::query(
             "UPDATE read.checkpoints SET transaction_id = $5, global_position = $6, updated_at = now() \
              WHERE projector = $1 AND partition = $2 AND transaction_id = $3 AND global_position = $4",
@@ -491,18 +559,18 @@ impl PartitionWorker {
         .bind(to.tx)
         .bind(to.pos)
         .execute(self.store.pool())
-        .await?
-        .rows_affected();
-        if moved == 0 {
-            return Ok(None);
+        .await;
+        match moved {
+            Ok(r) if r.rows_affected() == 1 => {
+                self.written = Some(to);
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(e) => {
+                self.written = None;
+                Err(e.into())
+            }
         }
-        self.posted(to);
-        self.acknowledge(msgs, |_| AckKind::Ack).await;
-        Ok(Some(BatchOutcome {
-            fetched: msgs.len(),
-            applied: msgs.len(),
-            ..Default::default()
-        }))
     }
 
     /// Applies a batch in one transaction. Without `careful`, the events are applied together by
@@ -653,7 +721,9 @@ impl PartitionWorker {
             .execute(&mut *tx)
             .await?;
         }
+        self.written = None;
         tx.commit().await?;
+        self.written = Some(checkpoint);
         if checkpoint != start {
             self.posted(checkpoint);
         }

@@ -3,11 +3,11 @@
 
 mod common;
 
-use common::{Env, Publisher, append, started, test_config};
+use common::{Env, Publisher, append, partition_heads, started, test_config};
 use nura_domain::DomainEvent;
 use nura_domain::api_key::{ApiKeyEvent, stream_id};
 use nura_projections::api_keys::{self, ApiKeys};
-use nura_projections::{ApplyError, Projection, has_passed};
+use nura_projections::{ApplyError, Projection, ProjectorConfig, has_passed};
 use nura_store::{CommitToken, EventStore, ExpectedVersion, Metadata, NewEvent, Position};
 use nura_testkit::TestDb;
 use std::time::Duration;
@@ -268,6 +268,98 @@ async fn a_lost_key_event_behind_conversation_traffic_is_still_applied() {
     env.cleanup().await;
 }
 
+/// Batches of conversation events move the `api_keys` checkpoint in memory and write it only
+/// now and then. A worker that dies holding such progress leaves the table's checkpoint behind
+/// messages it acked: the next worker finds the chain broken, fills the hole from Postgres and
+/// still applies the key event that follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn foreign_progress_lost_with_its_worker_is_recovered_by_the_next_one() {
+    let env = Env::new().await;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut publisher = Publisher::new(&env);
+        start_conversations(&env, 40).await;
+        let first = publisher.publish_new(&env.store).await;
+        drain_api_keys(&env, &first).await;
+
+        // A fetch that waits long: an empty step would write the progress (the partition is
+        // idle), and the fetch prefetched in round 0 must still be open in round 1.
+        let patient = ProjectorConfig {
+            idle_fetch_wait: Duration::from_secs(20),
+            ..test_config()
+        };
+        let mut workers: Vec<_> = (0..env.store.partitions())
+            .map(|p| api_keys_worker(&env, p, &patient))
+            .collect();
+        for round in 0..2 {
+            start_conversations(&env, 40).await;
+            let published = publisher.publish_new(&env.store).await;
+            for w in &mut workers {
+                let mut left = published
+                    .iter()
+                    .filter(|(e, _)| e.partition == w.partition())
+                    .count();
+                while left > 0 {
+                    let o = w.process_batch().await.expect("step");
+                    assert!(
+                        o.fetched > 0,
+                        "round {round}: partition {} went idle",
+                        w.partition()
+                    );
+                    left -= o.fetched;
+                }
+            }
+        }
+        let heads = partition_heads(&env.store).await;
+        let behind = {
+            let mut n = 0;
+            for (p, head) in &heads {
+                let token = CommitToken {
+                    partition: *p,
+                    position: *head,
+                };
+                if !has_passed(env.store.pool(), api_keys::NAME, token)
+                    .await
+                    .expect("cp")
+                {
+                    n += 1;
+                }
+            }
+            n
+        };
+        assert!(behind > 0, "no partition kept its progress in memory");
+        drop(workers); // dies without writing it
+
+        let key = Uuid::now_v7();
+        append_key(&env.store, key, "acme", &issued(key, "acme")).await;
+        start_conversations(&env, 40).await;
+        let published = publisher.publish_new(&env.store).await;
+        drain_api_keys(&env, &published).await;
+        assert_eq!(
+            row(env.store.pool(), key).await.map(|r| r.1),
+            Some("active".into()),
+            "the key event after the lost progress was not applied"
+        );
+    })
+    .await
+    .expect("test timed out");
+    env.cleanup().await;
+}
+
+fn api_keys_worker(
+    env: &Env,
+    partition: i32,
+    config: &ProjectorConfig,
+) -> nura_projections::PartitionWorker {
+    nura_projections::PartitionWorker::new(
+        env.store.clone(),
+        env.js.clone(),
+        env.topology.clone(),
+        config.clone(),
+        std::sync::Arc::new(ApiKeys),
+        partition,
+    )
+}
+
 async fn start_conversations(env: &Env, n: i64) {
     for i in 0..n {
         let c = Uuid::now_v7();
@@ -279,16 +371,7 @@ async fn start_conversations(env: &Env, n: i64) {
 /// `published`.
 async fn drain_api_keys(env: &Env, published: &[(nura_store::RecordedEvent, Option<Position>)]) {
     let workers = (0..env.store.partitions())
-        .map(|p| {
-            nura_projections::PartitionWorker::new(
-                env.store.clone(),
-                env.js.clone(),
-                env.topology.clone(),
-                test_config(),
-                std::sync::Arc::new(ApiKeys),
-                p,
-            )
-        })
+        .map(|p| api_keys_worker(env, p, &test_config()))
         .collect();
     let running = common::spawn_workers(workers);
     for (e, _) in published {
