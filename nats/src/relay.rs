@@ -360,8 +360,13 @@ impl Relay {
         tokio::spawn(listen_for_appends(
             self.store.pool().clone(),
             wake.clone(),
-            listener_stop,
+            listener_stop.clone(),
             self.config.poll_interval,
+        ));
+        tokio::spawn(forward_local_appends(
+            self.store.appended(),
+            wake.clone(),
+            listener_stop,
         ));
         let mut last_lock_check = Instant::now();
         let mut last_gauge = Instant::now() - GAUGE_REFRESH;
@@ -886,6 +891,24 @@ async fn listen_for_appends(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(retry_after.max(Duration::from_millis(100))) => {}
+        }
+    }
+}
+
+/// Wakes the leader on every append this process's store commits (the relay inside `nura
+/// serve`), without waiting for the `NOTIFY` round trip, until `stop`.
+async fn forward_local_appends(
+    mut appended: tokio::sync::watch::Receiver<u64>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = appended.changed() => match changed {
+                Ok(()) => wake.notify_one(),
+                Err(_) => return,
+            },
         }
     }
 }

@@ -773,3 +773,43 @@ async fn with_group_commit_each_command_records_its_own_result() {
         );
     }
 }
+
+/// `appended()` wakes a log reader of the same process after each committed append, through a
+/// clone of the store or the group-commit path, but not after a repeat that wrote nothing.
+#[tokio::test]
+async fn appended_changes_after_each_committed_append_in_this_process() {
+    for (_db, store) in [store().await, grouped_store().await] {
+        let mut appended = store.clone().appended();
+        assert!(!appended.has_changed().unwrap(), "nothing appended yet");
+        let e = event(1);
+        store
+            .append(
+                "counter-w",
+                ExpectedVersion::Exact(0),
+                std::slice::from_ref(&e),
+                &meta("w1"),
+                Some(&cmd("w1", "body")),
+            )
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(1), appended.changed())
+            .await
+            .expect("woken after the append")
+            .unwrap();
+        let again = store
+            .append(
+                "counter-w",
+                ExpectedVersion::Exact(0),
+                &[event(1)],
+                &meta("w1"),
+                Some(&cmd("w1", "body")),
+            )
+            .await
+            .unwrap();
+        assert!(again.replayed);
+        assert!(
+            !appended.has_changed().unwrap(),
+            "a repeat wrote nothing and wakes nobody"
+        );
+    }
+}
