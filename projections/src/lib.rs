@@ -2,10 +2,14 @@
 //! read models themselves, and their dead letters (DESIGN.md invariant 5).
 //!
 //! * [`run`] runs the `conversations` and `api_keys` projectors over every partition: one durable pull consumer
-//!   per (projector, partition), one owner per partition (advisory lock), one Postgres transaction
-//!   per batch that updates the rows and the partition's checkpoint, acks after commit. A batch is
-//!   applied with a few set-based statements ([`Projection::apply_batch`]); only a batch that fails
-//!   is redone event by event, and the next batch is fetched while one is applied.
+//!   per (projector, partition), one owner per partition (advisory lock), and per batch one commit
+//!   that updates the rows and the partition's checkpoint together, acks after commit. A batch
+//!   that continues the checkpoint's chain is one autocommit statement ([`Gate`],
+//!   [`Projection::apply_batch_gated`]); any other goes through a transaction that locks the
+//!   checkpoint and applies it with a few set-based statements ([`Projection::apply_batch`]); only
+//!   a batch that fails there is redone event by event. A batch of events the projection does not
+//!   read moves the checkpoint in memory, written at most every 100 ms. The next batch is fetched
+//!   while one is applied.
 //! * [`PartitionWorker::process_batch`] is that loop's single step, for tests and tools.
 //! * Exactness does not depend on JetStream: events at or below the checkpoint are skipped, and a
 //!   break in the `Nura-Prev` chain is filled from Postgres ([`nura_store::EventStore::read_partition`]).
