@@ -809,7 +809,8 @@ async fn read_batch(
     limit: i64,
     mut links: HashMap<i32, Position>,
 ) -> Result<Batch, nura_store::StoreError> {
-    let events = store.read_all_raw(after, limit).await?;
+    let page = store.read_all_raw(after, limit).await?;
+    let events = page.events()?;
     let mut messages = Vec::with_capacity(events.len());
     for event in &events {
         let prev = match links.get(&event.partition) {
