@@ -815,6 +815,8 @@ async fn read_batch(
     for event in &events {
         let prev = match links.get(&event.partition) {
             Some(p) => Some(*p),
+            // Nothing precedes the start of the log.
+            None if after == Position::ZERO => None,
             None => {
                 store
                     .previous_in_partition(event.partition, event.position())
