@@ -1,7 +1,7 @@
 //! Stream and subject layout, and the wire form of an event.
 
 use async_nats::jetstream::{self, stream};
-use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use async_nats::{HeaderMap, HeaderName};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use nura_store::{CommitToken, Position, RawEvent, RecordedEvent};
@@ -234,15 +234,17 @@ fn json_time(b: &mut Vec<u8>, t: &DateTime<Utc>) {
     b.extend_from_slice(b"Z\"");
 }
 
-/// The header map every event message starts from: each name with an empty value. A clone has
-/// room for all headers and copies no name, so filling it in rehashes nothing; building the map
-/// from scratch grows and rehashes it twice per message.
+/// The header map every event message starts from: each name, with no value yet. A clone has
+/// room for all eight headers and copies no name and no value, so filling it in allocates only
+/// each value's list and rehashes nothing (a map built from scratch grows and rehashes twice per
+/// message, and replacing placeholder values would allocate and free a list per header). Only
+/// deserializing builds a name without values.
 static TEMPLATE: LazyLock<HeaderMap> = LazyLock::new(|| {
-    NAMES
+    let names: serde_json::Map<String, serde_json::Value> = NAMES
         .iter()
-        .cloned()
-        .map(|n| (n, HeaderValue::new()))
-        .collect()
+        .map(|n| (n.to_string(), serde_json::Value::Array(Vec::new())))
+        .collect();
+    serde_json::from_value(serde_json::Value::Object(names)).expect("header names deserialize")
 });
 
 /// The header names, in the order of [`envelope_headers`]'s values.
@@ -293,7 +295,7 @@ fn envelope_headers(
     ];
     let mut h = TEMPLATE.clone();
     for (name, value) in NAMES.into_iter().zip(values) {
-        h.insert(name, value);
+        h.append(name, value);
     }
     h
 }
@@ -510,6 +512,9 @@ mod tests {
                 Some(prev.map(|p| p.to_string()).unwrap_or_default())
             );
             assert_eq!(h.len(), 8);
+            for (name, values) in h.iter() {
+                assert_eq!(values.len(), 1, "{name}");
+            }
         }
     }
 
