@@ -814,11 +814,14 @@ async fn read_batch(
     limit: i64,
     mut links: HashMap<i32, Position>,
 ) -> Result<Batch, nura_store::StoreError> {
-    let events = store.read_all_raw(after, limit).await?;
+    let page = store.read_all_raw(after, limit).await?;
+    let events = page.events()?;
     let mut messages = Vec::with_capacity(events.len());
     for event in &events {
         let prev = match links.get(&event.partition) {
             Some(p) => Some(*p),
+            // Nothing precedes the start of the log.
+            None if after == Position::ZERO => None,
             None => {
                 store
                     .previous_in_partition(event.partition, event.position())

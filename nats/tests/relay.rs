@@ -221,15 +221,15 @@ async fn the_raw_encoding_decodes_into_the_same_event_with_the_same_headers() {
         .await
         .expect("odd metadata");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let (parsed, raw) = loop {
+        let (parsed, page) = loop {
             let parsed = env.store.read_all(Position::ZERO, 100).await.expect("read");
-            let raw = env
+            let page = env
                 .store
                 .read_all_raw(Position::ZERO, 100)
                 .await
                 .expect("raw");
-            if parsed.len() == ids.len() && raw.len() == ids.len() {
-                break (parsed, raw);
+            if parsed.len() == ids.len() && page.len() == ids.len() {
+                break (parsed, page);
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -237,8 +237,16 @@ async fn the_raw_encoding_decodes_into_the_same_event_with_the_same_headers() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        let raw = page.events().expect("raw events");
         let prev = Some(Position { tx: 1, pos: 2 });
         for (p, r) in parsed.iter().zip(&raw) {
+            assert_eq!(r.event_id, p.event_id);
+            assert_eq!(r.position(), p.position());
+            assert_eq!(r.recorded_at, p.recorded_at);
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(r.payload).expect("payload is JSON"),
+                p.payload
+            );
             assert_eq!(r.tenant_id, p.metadata.tenant_id);
             assert_eq!(env.topology.raw_subject(r), env.topology.subject(p));
             let (h, body) = nura_nats::encode_raw(r, prev);

@@ -203,30 +203,31 @@ impl RecordedEvent {
     }
 }
 
-/// An event as stored, with its payload and metadata kept as the JSON text Postgres returned,
-/// for readers that pass events on rather than interpret them (the relay). Serializes to the same
-/// JSON object as [`RecordedEvent`] (same fields, same order), so the body deserializes into the
-/// `RecordedEvent` read by [`crate::EventStore::read_all`]; only whitespace inside `payload` and
-/// `metadata` may differ.
-#[derive(Debug, Clone, Serialize)]
-pub struct RawEvent {
+/// An event of a [`crate::RawPage`], borrowing its text from the row Postgres sent: for readers
+/// that pass events on rather than interpret them (the relay). `payload` and `metadata` are the
+/// JSON text Postgres rendered for the stored `jsonb` (its own spacing and key order), never
+/// parsed here; everything else holds the same values as the [`RecordedEvent`] that
+/// [`crate::EventStore::read_all`] returns for the same row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawEvent<'r> {
     pub event_id: Uuid,
-    pub stream_id: String,
+    pub stream_id: &'r str,
     pub stream_version: i64,
     pub global_position: i64,
     pub transaction_id: i64,
     pub partition: i32,
-    pub event_type: String,
+    pub event_type: &'r str,
     pub schema_version: i32,
-    pub payload: Box<serde_json::value::RawValue>,
-    pub metadata: Box<serde_json::value::RawValue>,
+    /// `payload` as JSON text.
+    pub payload: &'r str,
+    /// `metadata` as JSON text.
+    pub metadata: &'r str,
     pub recorded_at: DateTime<Utc>,
     /// `metadata.tenant_id` as text (empty when absent), so headers need not parse `metadata`.
-    #[serde(skip)]
-    pub tenant_id: String,
+    pub tenant_id: &'r str,
 }
 
-impl RawEvent {
+impl RawEvent<'_> {
     /// The event's place in commit order.
     pub fn position(&self) -> Position {
         Position {

@@ -110,6 +110,13 @@ const EVENT_COLUMNS: &str = "e.event_id, e.stream_id, e.stream_version, e.global
     e.transaction_id::text::bigint AS transaction_id, e.partition, e.event_type, e.schema_version, \
     e.payload, e.metadata, e.recorded_at";
 
+/// [`EVENT_COLUMNS`] for [`RawPage`]: `payload` and `metadata` as text (`jsonb` is sent as text
+/// in either case, and text decodes as a `&str` borrowed from the row), then `tenant_id`.
+const RAW_EVENT_COLUMNS: &str = "e.event_id, e.stream_id, e.stream_version, e.global_position, \
+    e.transaction_id::text::bigint AS transaction_id, e.partition, e.event_type, e.schema_version, \
+    e.payload::text AS payload, e.metadata::text AS metadata, e.recorded_at, \
+    coalesce(e.metadata->>'tenant_id', '') AS tenant_id";
+
 /// The log after `($1, $2)` in commit order, at most `$3` events, stopping before the oldest
 /// transaction still open anywhere in the cluster: the rows of [`EventStore::read_all`] and
 /// [`EventStore::read_all_raw`].
@@ -279,17 +286,14 @@ impl EventStore {
     }
 
     /// [`EventStore::read_all`] for readers that pass events on: the same rows, in the same
-    /// order, with the same stop before the oldest open transaction, but `payload` and `metadata`
-    /// stay JSON text (no `serde_json::Value` is built) and `tenant_id` comes from Postgres.
-    pub async fn read_all_raw(
-        &self,
-        after: Position,
-        limit: i64,
-    ) -> Result<Vec<RawEvent>, StoreError> {
-        let columns =
-            format!("{EVENT_COLUMNS}, coalesce(e.metadata->>'tenant_id', '') AS tenant_id");
-        let rows = self.read_log(&columns, after, limit).await?;
-        rows.iter().map(decode_raw_event).collect()
+    /// order, with the same stop before the oldest open transaction, kept as Postgres sent them.
+    /// `payload` and `metadata` arrive as JSON text and are never parsed, `tenant_id` comes from
+    /// Postgres, and [`RawPage::events`] borrows every text field from the page instead of
+    /// copying it.
+    pub async fn read_all_raw(&self, after: Position, limit: i64) -> Result<RawPage, StoreError> {
+        Ok(RawPage {
+            rows: self.read_log(RAW_EVENT_COLUMNS, after, limit).await?,
+        })
     }
 
     /// `columns` of the log's rows after `after` in commit order, up to `limit` ([`LOG_AFTER`]).
@@ -644,20 +648,77 @@ fn decode_event(row: &PgRow) -> Result<RecordedEvent, StoreError> {
     })
 }
 
-fn decode_raw_event(row: &PgRow) -> Result<RawEvent, StoreError> {
-    let corrupt = |what: &str, e: sqlx::Error| StoreError::Corrupt(format!("{what}: {e}"));
+/// A page of the log read by [`EventStore::read_all_raw`]: the rows as Postgres sent them, in
+/// commit order. [`RawPage::events`] views them without copying their text.
+#[derive(Debug)]
+pub struct RawPage {
+    rows: Vec<PgRow>,
+}
+
+impl RawPage {
+    /// Number of events in the page.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether the page holds no event (nothing readable after the position asked for).
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The page's events in commit order, borrowing their text from the page.
+    pub fn events(&self) -> Result<Vec<RawEvent<'_>>, StoreError> {
+        // Every row of a page comes from one statement: its column types are checked once, on
+        // the first row, instead of once per value.
+        if let Some(first) = self.rows.first() {
+            check_raw_columns(first)?;
+        }
+        self.rows.iter().map(decode_raw_event).collect()
+    }
+}
+
+/// Fails unless `row`'s columns have the types [`decode_raw_event`] decodes.
+fn check_raw_columns(row: &PgRow) -> Result<(), StoreError> {
+    use sqlx::{Column, Postgres, Type};
+    fn check<T: Type<Postgres>>(row: &PgRow, i: usize) -> Result<(), StoreError> {
+        let ty = row.try_column(i)?.type_info();
+        if T::compatible(ty) {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt(format!(
+                "log column {i} is {ty}, expected {}",
+                T::type_info()
+            )))
+        }
+    }
+    check::<Uuid>(row, 0)?;
+    check::<&str>(row, 1)?;
+    check::<i64>(row, 2)?;
+    check::<i64>(row, 3)?;
+    check::<i64>(row, 4)?;
+    check::<i32>(row, 5)?;
+    check::<&str>(row, 6)?;
+    check::<i32>(row, 7)?;
+    check::<&str>(row, 8)?;
+    check::<&str>(row, 9)?;
+    check::<chrono::DateTime<chrono::Utc>>(row, 10)?;
+    check::<&str>(row, 11)
+}
+
+/// Decodes a row of [`RAW_EVENT_COLUMNS`] whose column types [`check_raw_columns`] accepted.
+fn decode_raw_event(row: &PgRow) -> Result<RawEvent<'_>, StoreError> {
     Ok(RawEvent {
-        event_id: row.try_get(0)?,
-        stream_id: row.try_get(1)?,
-        stream_version: row.try_get(2)?,
-        global_position: row.try_get(3)?,
-        transaction_id: row.try_get(4)?,
-        partition: row.try_get(5)?,
-        event_type: row.try_get(6)?,
-        schema_version: row.try_get(7)?,
-        payload: row.try_get(8).map_err(|e| corrupt("payload", e))?,
-        metadata: row.try_get(9).map_err(|e| corrupt("metadata", e))?,
-        recorded_at: row.try_get(10)?,
-        tenant_id: row.try_get(11)?,
+        event_id: row.try_get_unchecked(0)?,
+        stream_id: row.try_get_unchecked(1)?,
+        stream_version: row.try_get_unchecked(2)?,
+        global_position: row.try_get_unchecked(3)?,
+        transaction_id: row.try_get_unchecked(4)?,
+        partition: row.try_get_unchecked(5)?,
+        event_type: row.try_get_unchecked(6)?,
+        schema_version: row.try_get_unchecked(7)?,
+        payload: row.try_get_unchecked(8)?,
+        metadata: row.try_get_unchecked(9)?,
+        recorded_at: row.try_get_unchecked(10)?,
+        tenant_id: row.try_get_unchecked(11)?,
     })
 }
