@@ -164,7 +164,9 @@ impl Authenticator {
                 invalid()
             })?
             .claims;
-        let valid_id = |s: &str| !s.is_empty() && s.len() <= MAX_ID_LEN;
+        // Ids travel on as JetStream header values and log fields: no control characters.
+        let valid_id =
+            |s: &str| !s.is_empty() && s.len() <= MAX_ID_LEN && !s.chars().any(char::is_control);
         if !valid_id(&claims.tenant) || !valid_id(&claims.sub) {
             return Err(invalid());
         }

@@ -387,6 +387,17 @@ async fn requests_without_a_valid_token_are_401_envelopes_with_a_challenge() {
                 "long tenant",
                 Some(sign(&claims(json!({"tenant": "t".repeat(129)})), SECRET)),
             ),
+            (
+                "tenant with a line break",
+                Some(sign(
+                    &claims(json!({"tenant": "acme\r\nNura-Tenant-Id: x"})),
+                    SECRET,
+                )),
+            ),
+            (
+                "sub with a control character",
+                Some(sign(&claims(json!({"sub": "al\u{0}ice"})), SECRET)),
+            ),
             ("alg none", Some(alg_none)),
             (
                 "HS512",

@@ -286,10 +286,10 @@ fn envelope_headers(
     let values = [
         id.clone(),
         id,
-        event_type.to_owned(),
-        stream_id.to_owned(),
+        header_value(event_type),
+        header_value(stream_id),
         itoa::Buffer::new().format(stream_version).to_owned(),
-        tenant_id.to_owned(),
+        header_value(tenant_id),
         commit_value,
         prev_value,
     ];
@@ -298,6 +298,20 @@ fn envelope_headers(
         h.append(name, value);
     }
     h
+}
+
+/// `s` as a header value: a control character (a line break would end the header, and
+/// async-nats panics on one) becomes `?`. The gateway refuses such ids, but the log may hold
+/// events written before it did or by other writers, and one such event must not stop the relay.
+/// The body keeps the exact text.
+fn header_value(s: &str) -> String {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect()
+    } else {
+        s.to_owned()
+    }
 }
 
 /// Appends `<tx>.<pos>`, as [`Position`]'s `Display` writes it.
@@ -516,6 +530,28 @@ mod tests {
                 assert_eq!(values.len(), 1, "{name}");
             }
         }
+    }
+
+    #[test]
+    fn a_control_character_in_an_id_never_reaches_a_header_but_stays_in_the_body() {
+        let at = Utc.with_ymd_and_hms(2026, 11, 23, 3, 22, 20).unwrap();
+        let mut raw = event("conversation-\t0193", "Message\nPosted", at);
+        raw.tenant_id = "acme\r\nNura-Tenant-Id: other";
+        let (h, body) = encode_raw(&raw, None);
+        let one = |name: &str| h.get(name).map(|v| v.as_str().to_owned());
+        assert_eq!(
+            one(headers::TENANT_ID).as_deref(),
+            Some("acme??Nura-Tenant-Id: other")
+        );
+        assert_eq!(one(headers::EVENT_TYPE).as_deref(), Some("Message?Posted"));
+        assert_eq!(
+            one(headers::STREAM_ID).as_deref(),
+            Some("conversation-?0193")
+        );
+        assert_eq!(h.len(), 8);
+        let decoded = decode(Some(&h), &body).unwrap();
+        assert_eq!(decoded.event.event_type, "Message\nPosted");
+        assert_eq!(decoded.event.stream_id, "conversation-\t0193");
     }
 
     #[test]
