@@ -29,6 +29,16 @@ async fn checkpoint(env: &Env) -> Option<Position> {
     .map(|(tx, pos)| Position { tx, pos })
 }
 
+/// The partition's checkpoint row, at zero.
+async fn checkpoint_row(env: &Env) {
+    sqlx::query("INSERT INTO read.checkpoints (projector, partition) VALUES ($1, $2)")
+        .bind(conversations::NAME)
+        .bind(PARTITION)
+        .execute(&env.db.pool)
+        .await
+        .expect("checkpoint row");
+}
+
 async fn row_counts(env: &Env) -> (i64, i64) {
     sqlx::query_as(
         "SELECT (SELECT count(*) FROM read.conversations), (SELECT count(*) FROM read.messages)",
@@ -74,12 +84,7 @@ async fn a_gated_batch_writes_rows_and_checkpoint_together_or_nothing() {
         append(&env.store, a, "acme", &[posted("a2", 4), archived(5)]).await;
         let events = log(&env).await;
         assert_eq!(events.len(), 5);
-        sqlx::query("INSERT INTO read.checkpoints (projector, partition) VALUES ($1, $2)")
-            .bind(conversations::NAME)
-            .bind(PARTITION)
-            .execute(&env.db.pool)
-            .await
-            .expect("checkpoint row");
+        checkpoint_row(&env).await;
 
         // The checkpoint is not where the batch's chain starts (a redelivery, another owner).
         let elsewhere = Position { tx: 1, pos: 1 };
@@ -152,12 +157,7 @@ async fn a_gated_batch_racing_another_owner_waits_for_its_commit_and_writes_noth
         let a = Uuid::now_v7();
         append(&env.store, a, "acme", &[started(a, "acme", 1)]).await;
         let events = log(&env).await;
-        sqlx::query("INSERT INTO read.checkpoints (projector, partition) VALUES ($1, $2)")
-            .bind(conversations::NAME)
-            .bind(PARTITION)
-            .execute(&env.db.pool)
-            .await
-            .expect("checkpoint row");
+        checkpoint_row(&env).await;
         // Another owner's transaction holds the checkpoint and moves it (as a batch does).
         let mut other = env.db.pool.begin().await.expect("begin");
         sqlx::query(
