@@ -293,9 +293,10 @@ async fn apply_batch(
     // updates), the highest version setting `updated_at` and the last message
     // `last_message_at`; and return a changed conversation that does not exist, if any. Such a
     // change would be lost (see `ensure_present`): the whole batch is then refused and the
-    // one-by-one path retries or dead-letters the event (a gated statement writes nothing then). Every part reads the snapshot taken
-    // before the statement, so the update never sees a row the same statement inserted: a
-    // conversation inserted here is already folded, one that existed gets its changes.
+    // one-by-one path retries or dead-letters the event (a gated statement writes nothing then).
+    // Every part reads the snapshot taken before the statement, so the update never sees a row
+    // the same statement inserted: a conversation inserted here is already folded, one that
+    // existed gets its changes.
     // Built once from constants (no input reaches the text).
     let row = Gate::bind(gate, sqlx::query(sqlx::AssertSqlSafe(BATCH.as_str())))
         .bind(&starts.conversation_id)

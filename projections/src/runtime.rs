@@ -434,15 +434,15 @@ impl PartitionWorker {
         &mut self,
         msgs: &[jetstream::Message],
     ) -> Result<Option<BatchOutcome>, WorkerError> {
-        let mut streams: Vec<String> = Vec::new();
+        let mut streams: Vec<String> = Vec::with_capacity(msgs.len());
         let Some((from, to)) = self.chain(msgs, |s| {
-            if !streams.iter().any(|known| known == s) {
-                streams.push(s.to_owned());
-            }
+            streams.push(s.to_owned());
             true
         }) else {
             return Ok(None);
         };
+        streams.sort_unstable();
+        streams.dedup();
         let mut events = Vec::with_capacity(msgs.len());
         for m in msgs {
             match nura_nats::decode(m.headers.as_ref(), &m.payload) {
@@ -505,8 +505,8 @@ impl PartitionWorker {
         &mut self,
         msgs: &[jetstream::Message],
     ) -> Result<Option<BatchOutcome>, WorkerError> {
-        let projection = self.projection.clone();
-        let Some((from, to)) = self.chain(msgs, |stream| !projection.reads_stream(stream)) else {
+        let Some((from, to)) = self.chain(msgs, |stream| !self.projection.reads_stream(stream))
+        else {
             return Ok(None);
         };
         let current = self.unwritten.map(|(p, _)| p).or(self.written);
