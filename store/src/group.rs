@@ -302,7 +302,8 @@ WITH req AS (
     SELECT r.*,
            coalesce((SELECT max(e.stream_version) FROM es.events e WHERE e.stream_id = r.stream_id), 0) AS v,
            r.command_id IS NOT NULL
-               AND EXISTS (SELECT 1 FROM es.commands k WHERE k.command_id = r.command_id) AS seen
+               AND coalesce((SELECT true FROM es.commands k WHERE k.command_id = r.command_id), false)
+               AS seen
     FROM req r
 ), accepted AS (
     SELECT * FROM chk WHERE NOT seen AND (expected IS NULL OR expected = v)

@@ -813,3 +813,69 @@ async fn appended_changes_after_each_committed_append_in_this_process() {
         );
     }
 }
+
+/// The group-commit statement looks each command id up through `es.commands`' key. Postgres may
+/// otherwise plan the lookup as a hash of the whole table (it did, while the table had no
+/// statistics), which costs every batch a scan of every command ever recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commit_finds_repeats_by_key_never_by_scanning_every_command() {
+    let db = TestDb::new().await;
+    let pool = db.pool_with(24).await;
+    let store = EventStore::connect_with_group_commit(pool.clone(), 4, 64)
+        .await
+        .unwrap();
+    let scans = || async {
+        sqlx::query_as::<_, (i64, i64, i64)>(
+            "SELECT seq_scan, coalesce(idx_scan, 0), n_tup_ins FROM pg_stat_user_tables \
+             WHERE schemaname = 'es' AND relname = 'commands'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let (seq_before, idx_before, ins_before) = scans().await;
+    let n = 400i64;
+    let calls = (0..n).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let id = format!("scan-{i}");
+            store
+                .append(
+                    &format!("scan-{i}-{}", Uuid::now_v7()),
+                    ExpectedVersion::Exact(0),
+                    &[event(i as u64)],
+                    &meta(&id),
+                    Some(&cmd(&id, "body")),
+                )
+                .await
+                .unwrap()
+        })
+    });
+    for appended in futures::future::join_all(calls).await {
+        assert!(!appended.unwrap().replayed);
+    }
+    // A backend reports its table statistics when it exits: close the store's connections and
+    // wait until the inserts show.
+    drop(store);
+    pool.close().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (seq_after, idx_after, _) = loop {
+        let now = scans().await;
+        if now.2 >= ins_before + n {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "statistics never showed the {n} inserts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(seq_after, seq_before, "sequential scans of es.commands");
+    // A command alone in its batch takes the single-command path, which looks nothing up; the
+    // rest are looked up by key, so the test cannot pass by never looking at all.
+    assert!(
+        idx_after - idx_before >= n / 2,
+        "batched command ids are looked up by key ({} lookups for {n} commands)",
+        idx_after - idx_before
+    );
+}
