@@ -335,12 +335,19 @@ async fn apply_batch(
 }
 
 /// [`apply_batch`]'s statement: the gate's parameters first (`$1`–`$8`), then the batch's.
+///
+/// Every read of `read.conversations` is a per-row subquery on its key, and the `UPDATE` finds
+/// its rows by the `ctid` those lookups returned. A join would let Postgres pick a hash join over
+/// a scan of the whole table, which it does while the table is small; the plan is then kept for
+/// the connection's life, so every batch would read the whole read model once it has grown.
+/// The `ctid` is safe here: the gate admits the statement only while no other owner can have
+/// changed these rows since its snapshot.
 static BATCH: LazyLock<String> = LazyLock::new(|| {
     let open = Gate::open(1);
     format!(
         "WITH missing AS ( \
            SELECT t.id FROM unnest($32::uuid[]) AS t(id) \
-           WHERE NOT EXISTS (SELECT 1 FROM read.conversations c WHERE c.conversation_id = t.id) \
+           WHERE (SELECT true FROM read.conversations c WHERE c.conversation_id = t.id) IS NULL \
            LIMIT 1 \
          ), {gate}, started AS ( \
            INSERT INTO read.conversations (conversation_id, tenant_id, stream_id, title, status, \
@@ -362,12 +369,14 @@ static BATCH: LazyLock<String> = LazyLock::new(|| {
              AS t(id, version, at, archive) \
          ), applied AS ( \
            SELECT ev.id, \
+             (SELECT c.ctid FROM read.conversations c WHERE c.conversation_id = ev.id) AS tid, \
              count(*) FILTER (WHERE NOT ev.archive) AS messages, \
              (array_agg(ev.at ORDER BY ev.version DESC) FILTER (WHERE NOT ev.archive))[1] AS last_message_at, \
              (array_agg(ev.at ORDER BY ev.version DESC) FILTER (WHERE ev.archive))[1] AS archived_at, \
              (array_agg(ev.at ORDER BY ev.version DESC))[1] AS updated_at, \
              max(ev.version) AS version \
-           FROM ev JOIN read.conversations c ON c.conversation_id = ev.id AND ev.version > c.version \
+           FROM ev \
+           WHERE ev.version > (SELECT c.version FROM read.conversations c WHERE c.conversation_id = ev.id) \
            GROUP BY ev.id \
          ), updated AS ( \
            UPDATE read.conversations c SET \
@@ -377,7 +386,7 @@ static BATCH: LazyLock<String> = LazyLock::new(|| {
              archived_at = coalesce(a.archived_at, c.archived_at), \
              updated_at = a.updated_at, \
              version = a.version \
-           FROM applied a WHERE c.conversation_id = a.id AND {open} \
+           FROM applied a WHERE c.ctid = a.tid AND c.conversation_id = a.id AND {open} \
          ) \
          SELECT EXISTS (SELECT 1 FROM gate), (SELECT id FROM missing)",
         gate = Gate::cte(1, "NOT EXISTS (SELECT 1 FROM missing)"),

@@ -216,3 +216,81 @@ async fn clean_traffic_goes_through_the_gated_path_and_equals_the_fold() {
     .expect("test timed out");
     env.cleanup().await;
 }
+
+/// Every conversation the gated statement reads or changes is found through its key. A plan
+/// made while `read.conversations` is small (a new deployment, a new connection) is kept for the
+/// connection's life; had it joined through a scan of the table, every later batch would read the
+/// whole read model. The statement's plan is fixed on the empty table here, on purpose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gated_statement_finds_conversations_by_key_even_with_a_plan_made_on_an_empty_table() {
+    let env = Env::new().await;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let ids: Vec<Uuid> = (0..6).map(|_| Uuid::now_v7()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            append(&env.store, *id, "acme", &[started(*id, "acme", i as i64)]).await;
+        }
+        for id in &ids {
+            append(&env.store, *id, "acme", &[posted("hello", 9), archived(10)]).await;
+        }
+        let events = log(&env).await;
+        let (starts, changes) = events.split_at(ids.len());
+        checkpoint_row(&env).await;
+
+        let mut conn = env.db.pool.acquire().await.expect("conn");
+        sqlx::query("SET plan_cache_mode = force_generic_plan")
+            .execute(&mut *conn)
+            .await
+            .expect("set");
+        // Planned now, while the table is empty; the same plan serves the next batch.
+        assert_eq!(
+            Conversations
+                .apply_batch_gated(&mut conn, starts, &gate(starts, Position::ZERO))
+                .await
+                .expect("starts"),
+            Gated::Applied
+        );
+        // This connection's pending statistics, before and after the batch: in one transaction,
+        // as the backend reports them only when idle outside one.
+        let scans = async |conn: &mut sqlx::PgConnection| -> (i64, i64) {
+            sqlx::query_as(
+                "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_xact_user_tables \
+                 WHERE schemaname = 'read' AND relname = 'conversations'",
+            )
+            .fetch_one(conn)
+            .await
+            .expect("statistics of this connection")
+        };
+        sqlx::query("BEGIN")
+            .execute(&mut *conn)
+            .await
+            .expect("begin");
+        let before = scans(&mut conn).await;
+        let from = starts.last().expect("starts").position();
+        assert_eq!(
+            Conversations
+                .apply_batch_gated(&mut conn, changes, &gate(changes, from))
+                .await
+                .expect("changes"),
+            Gated::Applied
+        );
+        let after = scans(&mut conn).await;
+        sqlx::query("COMMIT")
+            .execute(&mut *conn)
+            .await
+            .expect("commit");
+        drop(conn);
+        let (seq, idx) = (after.0 - before.0, after.1 - before.1);
+        assert_eq!(
+            seq, 0,
+            "sequential scans of read.conversations in one batch"
+        );
+        assert!(idx > 0, "the batch looked conversations up by key");
+        assert_eq!(
+            conversations::dump(&env.db.pool).await.expect("dump"),
+            fold_dump(&env.store).await
+        );
+    })
+    .await
+    .expect("test timed out");
+    env.cleanup().await;
+}
