@@ -188,7 +188,7 @@ async fn run_all(args: &BenchArgs, sizes: &Sizes, scratch: &Scratch) -> anyhow::
     let mut rows = Vec::new();
     let pool = PgPoolOptions::new()
         .max_connections(66)
-        .connect(&scratch.url)
+        .connect_with(crate::pg_options(&scratch.url)?)
         .await?;
     let store = EventStore::connect_with_group_commit(
         pool.clone(),
@@ -482,7 +482,7 @@ async fn backlog_rows(
     let mut rows = Vec::new();
     let pool = PgPoolOptions::new()
         .max_connections(34)
-        .connect(&db.url)
+        .connect_with(crate::pg_options(&db.url)?)
         .await?;
     let store = EventStore::connect(pool.clone()).await?;
     // Fill with conversation events so projectors have real work: 1 start + messages per stream.
