@@ -296,3 +296,107 @@ async fn a_conversation_round_trips_through_the_real_binary() {
     .await
     .expect("e2e test timed out");
 }
+
+/// Rows read by sequential scans of the tables that grow with use, as the statistics show them
+/// (building an index on an empty table counts as a scan, but reads no row).
+async fn scans_of_growing_tables(db: &TestDb) -> Vec<(String, i64)> {
+    sqlx::query_as(
+        "SELECT schemaname || '.' || relname, seq_tup_read FROM pg_stat_user_tables \
+         WHERE (schemaname, relname) IN (('es', 'commands'), ('read', 'conversations'), \
+           ('read', 'messages')) \
+         ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("table statistics")
+}
+
+/// The server plans each statement once per connection, while its tables are still empty, and
+/// keeps that plan. Every statement that commands, projectors and reads run against the tables
+/// that grow with use must reach them by key whatever the plan: a sequential scan there would
+/// read the whole table on every command, batch or read once the table has grown.
+#[tokio::test]
+async fn the_server_reaches_growing_tables_by_key_with_plans_made_on_empty_ones() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let db = TestDb::new().await;
+        let before = scans_of_growing_tables(&db).await;
+        let server = serve(&db).await;
+        let client = reqwest::Client::new();
+        let alice = token(&server, "acme", "alice", "member").await;
+        let (post, get) = (reqwest::Method::POST, reqwest::Method::GET);
+        let mut ids = vec![];
+        for round in 0..3 {
+            for _ in 0..4 {
+                let r = call(
+                    &client,
+                    &server,
+                    post.clone(),
+                    "/v1/conversations",
+                    Some(&alice),
+                    Some(json!({"title": format!("round {round}")})),
+                )
+                .await;
+                assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+                ids.push(r.body["conversation_id"].as_str().expect("id").to_owned());
+            }
+            for id in &ids {
+                let r = call(
+                    &client,
+                    &server,
+                    post.clone(),
+                    &format!("/v1/conversations/{id}/messages"),
+                    Some(&alice),
+                    Some(json!({"text": "hello"})),
+                )
+                .await;
+                assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+                let commit = r.body["commit"].as_str().expect("commit").to_owned();
+                let r = call(
+                    &client,
+                    &server,
+                    get.clone(),
+                    &format!("/v1/conversations/{id}?after={commit}"),
+                    Some(&alice),
+                    None,
+                )
+                .await;
+                assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            }
+            let r = call(
+                &client,
+                &server,
+                get.clone(),
+                "/v1/conversations?limit=5",
+                Some(&alice),
+                None,
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        }
+        // A backend reports its statistics when idle or when it exits: stop the server, then
+        // wait until the statistics show every message row it wrote.
+        let messages: i64 = (1..=3).map(|round| 4 * round).sum();
+        drop(server);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let written: i64 = sqlx::query_scalar(
+                "SELECT n_tup_ins FROM pg_stat_user_tables \
+                 WHERE schemaname = 'read' AND relname = 'messages'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .expect("statistics");
+            if written >= messages {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "statistics show {written} of {messages} message rows"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(scans_of_growing_tables(&db).await, before);
+    })
+    .await
+    .expect("test timed out");
+}
