@@ -786,3 +786,64 @@ async fn a_leader_wakes_on_append_notifications_without_waiting_for_the_poll() {
     .await
     .expect("test timed out");
 }
+
+/// Under steady traffic the leader writes its cursor at most every 200 ms, not after each step
+/// (each commit would hold the relay back by a Postgres round trip and an fsync); the write left
+/// over is made within that interval once the log goes quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_writes_its_cursor_at_most_every_interval_and_once_the_log_is_quiet() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let env = env().await;
+        // Every cursor write, counted by a trigger in this test's own database.
+        sqlx::raw_sql(
+            "CREATE TABLE cursor_writes (at timestamptz NOT NULL DEFAULT clock_timestamp()); \
+             CREATE FUNCTION count_cursor_write() RETURNS trigger LANGUAGE plpgsql AS \
+               $$ BEGIN INSERT INTO cursor_writes DEFAULT VALUES; RETURN NULL; END $$; \
+             CREATE TRIGGER cursor_write AFTER INSERT OR UPDATE ON es.cursors \
+               FOR EACH ROW EXECUTE FUNCTION count_cursor_write();",
+        )
+        .execute(&env.db.pool)
+        .await
+        .expect("trigger");
+        let token = CancellationToken::new();
+        let task = tokio::spawn(env.relay(100).run(token.clone()));
+        let steps = 40u64;
+        let started = std::time::Instant::now();
+        for i in 1..=steps {
+            append_spread(&env.store, 1, 1).await;
+            // Each event goes out alone: the relay wakes on the append and publishes it.
+            env.wait_for_messages(i).await;
+        }
+        let busy = started.elapsed();
+        let last: (i64, i64) = sqlx::query_as(
+            "SELECT transaction_id::text::bigint, global_position FROM es.events \
+             ORDER BY global_position DESC LIMIT 1",
+        )
+        .fetch_one(&env.db.pool)
+        .await
+        .expect("last event");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while cursor(&env.store, "relay").await != Some(last) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cursor never reached the last event once the log was quiet"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let writes: i64 = sqlx::query_scalar("SELECT count(*) FROM cursor_writes")
+            .fetch_one(&env.db.pool)
+            .await
+            .expect("count");
+        // One per 200 ms of traffic and the one after the log went quiet, plus one of slack.
+        let bound = busy.as_millis() as i64 / 200 + 2;
+        assert!(
+            writes <= bound,
+            "{writes} cursor writes for {steps} steps in {busy:?} (at most {bound})"
+        );
+        token.cancel();
+        task.await.expect("join").expect("relay ends cleanly");
+        env.cleanup().await;
+    })
+    .await
+    .expect("test timed out");
+}
