@@ -122,11 +122,6 @@ pub struct Relay {
     /// The dedicated connection holding the advisory lock while this relay leads.
     lock: Option<PgConnection>,
     stream_checked: bool,
-    /// `cursor` is ahead of `es.cursors`: the leader acked events since its last cursor write
-    /// (see [`CURSOR_SAVE_INTERVAL`]).
-    unsaved: bool,
-    /// When the cursor was last written.
-    saved_at: Instant,
 }
 
 /// What one publishing step did.
@@ -159,8 +154,6 @@ impl Relay {
             last_in_partition: HashMap::new(),
             lock: None,
             stream_checked: false,
-            unsaved: false,
-            saved_at: Instant::now(),
         }
     }
 
@@ -243,7 +236,6 @@ impl Relay {
         self.lock = Some(conn);
         // Another leader may have moved the cursor meanwhile: reload it and the prev links.
         self.cursor = None;
-        self.unsaved = false;
         self.last_in_partition.clear();
         metrics::gauge!("nura_relay_is_leader").set(1.0);
         tracing::info!(relay = %self.config.name, "relay leadership gained");
@@ -261,7 +253,7 @@ impl Relay {
     /// there was nothing to publish, or when the stream was gone and has just been recreated
     /// with the cursor rewound to zero — the next call republishes from the start).
     pub async fn publish_batch(&mut self) -> anyhow::Result<usize> {
-        Ok(match self.step(1, None, false).await? {
+        Ok(match self.step(1, None).await? {
             Step::Published { events, .. } => events,
             Step::Idle | Step::Rewound => 0,
         })
@@ -273,7 +265,7 @@ impl Relay {
     /// acked batches. Returns when a read finds no full batch (so it never returns while
     /// appends keep every read full: for tests and tools, not for a live log).
     pub async fn publish_backlog(&mut self) -> anyhow::Result<usize> {
-        Ok(match self.step(usize::MAX, None, false).await? {
+        Ok(match self.step(usize::MAX, None).await? {
             Step::Published { events, .. } => events,
             Step::Idle | Step::Rewound => 0,
         })
@@ -411,7 +403,7 @@ impl Relay {
             // a large backlog drains.
             let step = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                s = self.step(usize::MAX, Some(started + PUMP_TIME), true) => s,
+                s = self.step(usize::MAX, Some(started + PUMP_TIME)) => s,
             };
             match step {
                 Ok(s) => {
@@ -430,16 +422,9 @@ impl Relay {
                         Step::Rewound => continue,
                         Step::Idle => {}
                     }
-                    // A cursor left unwritten is written by the first step after its interval.
-                    let wait = if self.unsaved {
-                        let due = CURSOR_SAVE_INTERVAL.saturating_sub(self.saved_at.elapsed());
-                        self.config.poll_interval.min(due)
-                    } else {
-                        self.config.poll_interval
-                    };
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(wait) => {}
+                        _ = tokio::time::sleep(self.config.poll_interval) => {}
                         _ = wake.notified() => {}
                     }
                 }
@@ -483,13 +468,6 @@ impl Relay {
     }
 
     async fn release_leadership(&mut self) {
-        if self.lock.is_some()
-            && let Err(e) = self.save_unsaved().await
-        {
-            // The next leader starts from the last written cursor and publishes again what this
-            // one published since: JetStream's de-duplication drops the repeats.
-            tracing::warn!(relay = %self.config.name, error = %format!("{e:#}"), "could not write the cursor on leaving");
-        }
         if let Some(conn) = self.lock.take() {
             // Closing the session releases the advisory lock; a dead one is released by Postgres.
             let _ = tokio::time::timeout(LOCK_QUERY_TIMEOUT, conn.close()).await;
@@ -510,17 +488,10 @@ impl Relay {
     /// most one per [`CURSOR_SAVE_INTERVAL`], and one at the end); on a failure the newest fully
     /// acked batch is stored before the error is returned, so the retry resumes right after it
     /// and never past an unacked event.
-    ///
-    /// `lazy` (the leader's loop): the write at the end is skipped while the last one is younger
-    /// than [`CURSOR_SAVE_INTERVAL`]; the next step after that interval makes it, whether or not
-    /// it finds anything new (the leader's loop wakes for it). Under steady traffic each step
-    /// carries a few events, and a commit after each would cost the relay a Postgres round trip
-    /// and an fsync before it can read again.
     async fn step(
         &mut self,
         max_batches: usize,
         read_until: Option<Instant>,
-        lazy: bool,
     ) -> anyhow::Result<Step> {
         if !self.stream_checked {
             // A stream that vanished while no relay ran must be refilled from the start, not
@@ -604,13 +575,7 @@ impl Relay {
             }
         }
         // Whatever happened, what was fully acked is kept.
-        let stored = if lazy && failure.is_none() && self.saved_at.elapsed() < CURSOR_SAVE_INTERVAL
-        {
-            self.keep_acked(&mut acks);
-            Ok(())
-        } else {
-            self.store_acked(&mut acks).await
-        };
+        let stored = self.store_acked(&mut acks).await;
         if let Some(e) = failure {
             if let Err(se) = stored {
                 tracing::warn!(relay = %self.config.name, error = %format!("{se:#}"), "could not store the cursor after a failed batch");
@@ -628,9 +593,6 @@ impl Relay {
         }
         stored?;
         if acks.stored_events == 0 {
-            if !lazy || self.saved_at.elapsed() >= CURSOR_SAVE_INTERVAL {
-                self.save_unsaved().await?;
-            }
             return Ok(Step::Idle);
         }
         Ok(Step::Published {
@@ -682,35 +644,15 @@ impl Relay {
 
     /// Stores the newest fully acked batch as the cursor, with its partition links.
     async fn store_acked(&mut self, acks: &mut Acks) -> anyhow::Result<()> {
-        let Some((last, _, _)) = acks.complete else {
+        let Some((last, links, events)) = acks.complete.take() else {
             return Ok(());
         };
         self.save_cursor(last).await?;
-        self.keep_acked(acks);
-        Ok(())
-    }
-
-    /// Moves the cursor in memory to the newest fully acked batch, with its partition links.
-    fn keep_acked(&mut self, acks: &mut Acks) {
-        let Some((last, links, events)) = acks.complete.take() else {
-            return;
-        };
-        if self.cursor != Some(last) {
-            self.unsaved = true;
-        }
-        self.cursor = Some(last);
         self.last_in_partition = links;
         let newly = events - acks.stored_events;
         acks.stored_events = events;
         metrics::counter!("nura_relay_published_total").increment(newly as u64);
-    }
-
-    /// Writes the cursor if it moved since it was last written.
-    async fn save_unsaved(&mut self) -> anyhow::Result<()> {
-        match self.cursor {
-            Some(cursor) if self.unsaved => self.save_cursor(cursor).await,
-            _ => Ok(()),
-        }
+        Ok(())
     }
 
     /// A publish found no stream: recreate it and rewind, unless the stream exists and simply
@@ -795,8 +737,6 @@ impl Relay {
             }
         }
         self.cursor = Some(position);
-        self.unsaved = false;
-        self.saved_at = Instant::now();
         Ok(())
     }
 
