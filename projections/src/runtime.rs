@@ -135,8 +135,8 @@ pub struct PartitionWorker {
     /// consumers) rather than message by message (`Explicit`, consumers created before).
     ack_all: bool,
     consumer_checked: Instant,
-    /// The next batch, requested while the previous one was applied.
-    prefetched: Option<Batch>,
+    /// The next batch, requested while the previous one was applied, and its requested size.
+    prefetched: Option<(Batch, usize)>,
     /// The checkpoint as this worker last wrote or read it (`None`: unknown).
     written: Option<Position>,
     /// Where batches of other aggregates' events moved the checkpoint since `written`, and since
@@ -271,11 +271,14 @@ impl PartitionWorker {
     }
 
     /// The messages of the next batch: the prefetched one if there is one, else a new fetch.
-    /// After a non-empty batch it requests the following one, so that one's messages arrive
-    /// while this one is applied (a backlog drains without waiting for a fetch per batch).
+    /// After a full batch it requests the following one, so that one's messages arrive while
+    /// this one is applied (a backlog drains without waiting for a fetch per batch). After a
+    /// partial one (the partition is caught up) it does not: a request pending during the apply
+    /// would be answered by the first message to arrive, while a request made after it takes
+    /// every message that arrived meanwhile, so steady traffic comes in fewer, larger batches.
     async fn receive(&mut self) -> Result<Vec<jetstream::Message>, WorkerError> {
         let consumer = self.consumer().await?;
-        let mut batch = match self.prefetched.take() {
+        let (mut batch, requested) = match self.prefetched.take() {
             Some(b) => b,
             None => self.request(&consumer, 0).await?,
         };
@@ -291,7 +294,7 @@ impl PartitionWorker {
                 }
             }
         }
-        if !msgs.is_empty() && self.consumer.is_some() {
+        if msgs.len() >= requested && self.consumer.is_some() {
             // A failed request only costs the overlap: the next step fetches again.
             self.prefetched = match self.room(&consumer, msgs.len()) {
                 0 => None,
@@ -311,22 +314,25 @@ impl PartitionWorker {
         }
     }
 
-    /// Requests the next batch while `unacked` messages are outstanding (see [`Self::room`]).
+    /// Requests the next batch while `unacked` messages are outstanding (see [`Self::room`]);
+    /// returns it with the number of messages requested.
     async fn request(
         &mut self,
         consumer: &PullConsumer,
         unacked: usize,
-    ) -> Result<Batch, WorkerError> {
-        consumer
+    ) -> Result<(Batch, usize), WorkerError> {
+        let requested = self.room(consumer, unacked).max(1);
+        let batch = consumer
             .fetch()
-            .max_messages(self.room(consumer, unacked).max(1))
+            .max_messages(requested)
             .expires(self.config.idle_fetch_wait)
             .messages()
             .await
             .map_err(|e| {
                 self.consumer = None;
                 WorkerError::Nats(format!("fetch: {e}"))
-            })
+            })?;
+        Ok((batch, requested))
     }
 
     /// Hands back a prefetched batch (call it when this instance stops projecting the
@@ -336,7 +342,7 @@ impl PartitionWorker {
         if let Err(e) = self.write_foreign_progress().await {
             tracing::warn!(partition = self.partition, error = %e, "could not write the checkpoint on release");
         }
-        let Some(mut batch) = self.prefetched.take() else {
+        let Some((mut batch, _)) = self.prefetched.take() else {
             return;
         };
         while let Some(Ok(m)) = batch.next().await {

@@ -1,6 +1,7 @@
 //! The batch path: a projection applying a whole batch with set-based statements must leave the
 //! rows that applying its events one by one leaves, and a poison event inside a batch must still
-//! end as one dead letter while the rest of the batch applies.
+//! end as one dead letter while the rest of the batch applies. A caught-up worker's next batch
+//! holds every message that arrived while it applied the last one.
 
 mod common;
 
@@ -273,6 +274,59 @@ async fn a_poison_event_inside_a_batch_is_one_dead_letter_and_the_rest_of_the_ba
             .expect("retry");
         counts.insert(poisoned, 2);
         assert_equals_fold(&env.store, &counts).await;
+    })
+    .await
+    .expect("test timed out");
+    env.cleanup().await;
+}
+
+/// A worker that is caught up leaves no fetch waiting while it applies a batch: such a request
+/// would be answered by the first message to arrive, so steady traffic would come in batches of
+/// one or two. The next fetch, made after the apply, takes every message that arrived meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caught_up_worker_fetches_after_applying_so_the_next_batch_takes_all_that_arrived() {
+    let env = Env::new().await;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let config = nura_projections::ProjectorConfig {
+            idle_fetch_wait: Duration::from_secs(5),
+            ..test_config()
+        };
+        let id = Uuid::now_v7();
+        append(
+            &env.store,
+            id,
+            "acme",
+            &[started(id, "acme", 1), posted("a", 2)],
+        )
+        .await;
+        let mut publisher = Publisher::new(&env);
+        publisher.publish_new(&env.store).await;
+        let partition = log(&env).await[0].partition;
+        let mut worker = nura_projections::PartitionWorker::new(
+            env.store.clone(),
+            env.js.clone(),
+            env.topology.clone(),
+            config,
+            std::sync::Arc::new(Conversations),
+            partition,
+        );
+        let first = worker.process_batch().await.expect("first batch");
+        assert_eq!((first.fetched, first.applied), (2, 2));
+        let mut consumer = worker.consumer().await.expect("consumer");
+        let waiting = consumer.info().await.expect("consumer info").num_waiting;
+        assert_eq!(waiting, 0, "a fetch left waiting after a partial batch");
+
+        for n in 3..=5 {
+            append(&env.store, id, "acme", &[posted("b", n)]).await;
+            publisher.publish_new(&env.store).await;
+        }
+        let second = worker.process_batch().await.expect("second batch");
+        assert_eq!((second.fetched, second.applied), (3, 3), "{second:?}");
+        worker.release().await;
+        assert_eq!(
+            conversations::dump(&env.db.pool).await.expect("dump"),
+            fold_dump(&env.store).await
+        );
     })
     .await
     .expect("test timed out");
