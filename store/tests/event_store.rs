@@ -879,3 +879,78 @@ async fn group_commit_finds_repeats_by_key_never_by_scanning_every_command() {
         idx_after - idx_before
     );
 }
+
+/// With plans made while `es.events` is empty and kept for the connection's life (as `nura serve`
+/// keeps them), appends and lookups by event id still reach the table by key: once it has grown,
+/// a scan per call would read the whole log.
+#[tokio::test]
+async fn appends_and_lookups_by_id_reach_the_log_by_key_with_plans_made_on_an_empty_table() {
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use std::str::FromStr;
+    let db = TestDb::new().await;
+    let options = PgConnectOptions::from_str(&db.url)
+        .unwrap()
+        .options([("plan_cache_mode", "force_generic_plan")]);
+    // One connection: every statement below is planned once, on the empty table.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let store = EventStore::connect(pool.clone()).await.unwrap();
+    assert!(
+        store
+            .events_by_id(&[Uuid::now_v7()])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let n = 200u64;
+    let mut ids = vec![];
+    for i in 0..n {
+        let e = event(i);
+        ids.push(e.event_id);
+        let id = format!("plan-{i}");
+        store
+            .append(
+                &format!("plan-{}", i % 20),
+                ExpectedVersion::Any,
+                &[e],
+                &meta(&id),
+                Some(&cmd(&id, "body")),
+            )
+            .await
+            .unwrap();
+    }
+    let wanted = [ids[7], ids[150], ids[3]];
+    let found: Vec<Uuid> = store
+        .events_by_id(&wanted)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(found, vec![ids[3], ids[7], ids[150]], "in commit order");
+    // Statistics are reported when the backend exits.
+    drop(store);
+    pool.close().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let read = loop {
+        let (inserted, read): (i64, i64) = sqlx::query_as(
+            "SELECT n_tup_ins, seq_tup_read FROM pg_stat_user_tables \
+             WHERE schemaname = 'es' AND relname = 'events'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if inserted >= n as i64 {
+            break read;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "statistics never showed the {n} inserts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(read, 0, "rows of es.events read by sequential scans");
+}
