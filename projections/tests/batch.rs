@@ -323,10 +323,7 @@ async fn a_caught_up_worker_fetches_after_applying_so_the_next_batch_takes_all_t
         let second = worker.process_batch().await.expect("second batch");
         assert_eq!((second.fetched, second.applied), (3, 3), "{second:?}");
         worker.release().await;
-        assert_eq!(
-            conversations::dump(&env.db.pool).await.expect("dump"),
-            fold_dump(&env.store).await
-        );
+        assert_read_model_is_the_fold(&env).await;
     })
     .await
     .expect("test timed out");

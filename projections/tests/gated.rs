@@ -134,10 +134,7 @@ async fn a_gated_batch_writes_rows_and_checkpoint_together_or_nothing() {
             Gated::Applied
         );
         assert_eq!(checkpoint(&env).await, Some(events[4].position()));
-        assert_eq!(
-            conversations::dump(&env.db.pool).await.expect("dump"),
-            fold_dump(&env.store).await
-        );
+        assert_read_model_is_the_fold(&env).await;
         // The same batch again is a redelivery: the checkpoint moved, so the gate refuses.
         assert_eq!(
             gated(&env, &events, &gate(&events, Position::ZERO)).await,
@@ -285,10 +282,7 @@ async fn the_gated_statement_finds_conversations_by_key_even_with_a_plan_made_on
             "sequential scans of read.conversations in one batch"
         );
         assert!(idx > 0, "the batch looked conversations up by key");
-        assert_eq!(
-            conversations::dump(&env.db.pool).await.expect("dump"),
-            fold_dump(&env.store).await
-        );
+        assert_read_model_is_the_fold(&env).await;
     })
     .await
     .expect("test timed out");

@@ -362,6 +362,14 @@ pub async fn fold_dump(store: &EventStore) -> (String, String) {
     conversations::dump(&clean.pool).await.expect("dump")
 }
 
+/// Asserts that `env`'s read model equals a clean fold of its log.
+pub async fn assert_read_model_is_the_fold(env: &Env) {
+    assert_eq!(
+        conversations::dump(&env.db.pool).await.expect("dump"),
+        fold_dump(&env.store).await
+    );
+}
+
 /// Asserts the read model equals the fold and message counts equal the posted counts.
 pub async fn assert_equals_fold(store: &EventStore, counts: &HashMap<Uuid, i64>) {
     let actual = conversations::dump(store.pool()).await.expect("dump");
