@@ -340,8 +340,10 @@ async fn apply_batch(
 /// its rows by the `ctid` those lookups returned. A join would let Postgres pick a hash join over
 /// a scan of the whole table, which it does while the table is small; the plan is then kept for
 /// the connection's life, so every batch would read the whole read model once it has grown.
-/// The `ctid` is safe here: the gate admits the statement only while no other owner can have
-/// changed these rows since its snapshot.
+/// The `ctid` is safe because no one can have changed these rows since the statement's snapshot:
+/// every writer of a partition's rows holds its checkpoint row first. Without a gate the
+/// runtime's transaction locked it before this statement; with one, the gate's `UPDATE` locks
+/// it, and if another writer committed after the snapshot the gate fails and nothing is written.
 static BATCH: LazyLock<String> = LazyLock::new(|| {
     let open = Gate::open(1);
     format!(

@@ -8,8 +8,9 @@
 //!   [`Projection::apply_batch_gated`]); any other goes through a transaction that locks the
 //!   checkpoint and applies it with a few set-based statements ([`Projection::apply_batch`]); only
 //!   a batch that fails there is redone event by event. A batch of events the projection does not
-//!   read moves the checkpoint in memory, written at most every 100 ms. The next batch is fetched
-//!   while one is applied.
+//!   read moves the checkpoint in memory, written at most every 100 ms. While a full batch (a
+//!   backlog) is applied the next one is fetched; after a partial one the worker fetches only
+//!   once it is done, so that fetch takes everything that arrived meanwhile.
 //! * [`PartitionWorker::process_batch`] is that loop's single step, for tests and tools.
 //! * Exactness does not depend on JetStream: events at or below the checkpoint are skipped, and a
 //!   break in the `Nura-Prev` chain is filled from Postgres ([`nura_store::EventStore::read_partition`]).

@@ -221,8 +221,8 @@ impl PartitionWorker {
     /// One step: take the next batch of up to `batch_size` messages (waiting up to
     /// `idle_fetch_wait` when the partition is idle), apply it in one transaction with the
     /// checkpoint, commit, then ack. See the crate docs for the skip / hole-fill / dead-letter
-    /// rules. While a batch is applied the next one is already requested, so its messages travel
-    /// meanwhile; [`PartitionWorker::release`] hands such a prefetched batch back.
+    /// rules. While a full batch is applied the next one is already requested, so its messages
+    /// travel meanwhile; [`PartitionWorker::release`] hands such a prefetched batch back.
     pub async fn process_batch(&mut self) -> Result<BatchOutcome, WorkerError> {
         let waited = Instant::now();
         let msgs = self.receive().await?;

@@ -281,8 +281,8 @@ async fn foreign_progress_lost_with_its_worker_is_recovered_by_the_next_one() {
         let first = publisher.publish_new(&env.store).await;
         drain_api_keys(&env, &first).await;
 
-        // A fetch that waits long: an empty step would write the progress (the partition is
-        // idle), and the fetch prefetched in round 0 must still be open in round 1.
+        // A fetch that waits long: an empty step (a fetch that expired with nothing) would write
+        // the progress, as the partition looks idle.
         let patient = ProjectorConfig {
             idle_fetch_wait: Duration::from_secs(20),
             ..test_config()
