@@ -1,10 +1,14 @@
 //! Projectors: the runtime that turns the JetStream fan-out into exact Postgres read models, the
 //! read models themselves, and their dead letters (DESIGN.md invariant 5).
 //!
-//! * [`run`] runs the `conversations` and `api_keys` projectors over every partition: one durable pull consumer
-//!   per (projector, partition), one owner per partition (advisory lock), and per batch one commit
-//!   that updates the rows and the partition's checkpoint together, acks after commit. A batch
-//!   that continues the checkpoint's chain is one autocommit statement ([`Gate`],
+//! * [`run`] runs the `conversations` and `api_keys` projectors over every partition as one
+//!   [`GROUP`]: one durable pull consumer per partition whose batches both projections apply
+//!   (concurrently, each with its own checkpoint and dead letters), so each event is delivered
+//!   once, not once per projection; one owner per partition (advisory lock); per batch and
+//!   projection one commit that updates the rows and the partition's checkpoint together; acks
+//!   after every projection committed (a nak from either wins). [`run_projection`] runs one
+//!   projection with consumers of its own.
+//! * A batch that continues the checkpoint's chain is one autocommit statement ([`Gate`],
 //!   [`Projection::apply_batch_gated`]); any other goes through a transaction that locks the
 //!   checkpoint and applies it with a few set-based statements ([`Projection::apply_batch`]); only
 //!   a batch that fails there is redone event by event. A batch of events the projection does not
@@ -18,7 +22,8 @@
 //!   are parked behind it; [`admin_router`] lists and retries them.
 //!
 //! Limits: ordering is per partition, so one slow partition does not hold the others back but a
-//! poison event holds back nothing except its own stream. Read models are only as fresh as the
+//! poison event holds back nothing except its own stream once it is dead-lettered; while its
+//! attempts last (with backoff) it holds back its partition for every projection of the group. Read models are only as fresh as the
 //! relay; [`has_passed`] is how readers wait for their own writes.
 
 pub mod api_keys;
@@ -30,7 +35,7 @@ mod runtime;
 pub use dead_letters::{DeadLetter, RetryError, RetryOutcome, admin_router, retry_dead_letter};
 pub use projection::{ApplyError, FoldError, Gate, Gated, Projection, fold, projection_named};
 pub use runtime::{
-    BatchOutcome, PartitionWorker, ProjectorConfig, WorkerError, run, run_projection,
+    BatchOutcome, GROUP, PartitionWorker, ProjectorConfig, WorkerError, run, run_projection,
 };
 
 use nura_store::CommitToken;

@@ -119,17 +119,34 @@ pub struct BatchOutcome {
     pub gated: usize,
 }
 
-/// One projector on one partition: its durable consumer and the batch step. Ownership (which
-/// instance runs it) is decided outside, by [`run_projection`]; the step itself is safe to run
-/// from several instances at once, because the checkpoint row lock serializes their
-/// transactions and everything at or below the checkpoint is skipped.
+impl BatchOutcome {
+    /// Adds what another projection made of the same batch: `fetched` counts the messages once,
+    /// `undecodable` counts messages (every projection finds the same ones), the rest add up.
+    fn absorb(&mut self, other: BatchOutcome) {
+        self.applied += other.applied;
+        self.skipped += other.skipped;
+        self.holes_filled += other.holes_filled;
+        self.dead_lettered += other.dead_lettered;
+        self.parked += other.parked;
+        self.undecodable = self.undecodable.max(other.undecodable);
+        self.gated += other.gated;
+    }
+}
+
+/// One partition's durable consumer and the batch step of the projections that read it. Each
+/// fetched batch is applied by every projection (concurrently, each with its own checkpoint,
+/// path and dead letters), then acknowledged once: so a group of projections costs one
+/// delivery per event, not one per projection. Ownership (which instance runs it) is decided
+/// outside, by [`run`] or [`run_projection`]; the step itself is safe to run from several
+/// instances at once, because the checkpoint row lock serializes their transactions and
+/// everything at or below a checkpoint is skipped.
 pub struct PartitionWorker {
-    store: EventStore,
+    shared: Shared,
     js: jetstream::Context,
     topology: Topology,
-    config: ProjectorConfig,
-    projection: Arc<dyn Projection>,
-    partition: i32,
+    /// Names the consumer and the ownership lock: the projection's own name, or the group's.
+    name: String,
+    projectors: Vec<Projector>,
     consumer: Option<PullConsumer>,
     /// Whether the consumer acks cumulatively (`AckPolicy::All`, how this runtime creates
     /// consumers) rather than message by message (`Explicit`, consumers created before).
@@ -137,15 +154,55 @@ pub struct PartitionWorker {
     consumer_checked: Instant,
     /// The next batch, requested while the previous one was applied, and its requested size.
     prefetched: Option<(Batch, usize)>,
-    /// The checkpoint as this worker last wrote or read it (`None`: unknown).
+}
+
+/// What every projection of a worker reads while it applies a batch.
+struct Shared {
+    store: EventStore,
+    config: ProjectorConfig,
+    partition: i32,
+}
+
+/// One projection on the worker's partition.
+struct Projector {
+    projection: Arc<dyn Projection>,
+    /// The checkpoint as this projector last wrote or read it (`None`: unknown).
     written: Option<Position>,
     /// Where batches of other aggregates' events moved the checkpoint since `written`, and since
-    /// when: not written yet (see [`PartitionWorker::pass_foreign_batch`]).
+    /// when: not written yet (see [`Projector::pass_foreign_batch`]).
     unwritten: Option<(Position, Instant)>,
 }
 
+/// What one projection made of a batch it committed: its outcome and its answer to each message.
+struct Applied {
+    outcome: BatchOutcome,
+    answers: Vec<AckKind>,
+}
+
+impl Applied {
+    /// Every message acked.
+    fn all_acked(outcome: BatchOutcome) -> Applied {
+        Applied {
+            answers: vec![AckKind::Ack; outcome.fetched],
+            outcome,
+        }
+    }
+}
+
+/// The answer to a message two projections answered `a` and `b`: a nak (the longer delay) over
+/// a termination over an ack, so an event one projection must retry is never acked.
+fn stronger(a: AckKind, b: AckKind) -> AckKind {
+    match (a, b) {
+        (AckKind::Nak(x), AckKind::Nak(y)) => AckKind::Nak(x.max(y)),
+        (n @ AckKind::Nak(_), _) | (_, n @ AckKind::Nak(_)) => n,
+        (AckKind::Term, _) | (_, AckKind::Term) => AckKind::Term,
+        (a, _) => a,
+    }
+}
+
 impl PartitionWorker {
-    /// A worker for `projection` on `partition`; the consumer is created on the first step.
+    /// A worker for `projection` alone on `partition`, with a consumer of its own
+    /// (`<projection>_p<partition>`); the consumer is created on the first step.
     pub fn new(
         store: EventStore,
         js: jetstream::Context,
@@ -154,36 +211,61 @@ impl PartitionWorker {
         projection: Arc<dyn Projection>,
         partition: i32,
     ) -> Self {
+        let name = projection.name().to_owned();
+        Self::shared_by(store, js, topology, config, &name, &[projection], partition)
+    }
+
+    /// A worker whose `projections` share one consumer on `partition`, named
+    /// `<name>_p<partition>` (`name`: letters, digits, `_` and `-`); the consumer is created on
+    /// the first step.
+    pub fn shared_by(
+        store: EventStore,
+        js: jetstream::Context,
+        topology: Topology,
+        config: ProjectorConfig,
+        name: &str,
+        projections: &[Arc<dyn Projection>],
+        partition: i32,
+    ) -> Self {
         PartitionWorker {
-            store,
+            shared: Shared {
+                store,
+                config,
+                partition,
+            },
             js,
             topology,
-            config,
-            projection,
-            partition,
+            name: name.to_owned(),
+            projectors: projections
+                .iter()
+                .map(|projection| Projector {
+                    projection: projection.clone(),
+                    written: None,
+                    unwritten: None,
+                })
+                .collect(),
             consumer: None,
             ack_all: false,
             consumer_checked: Instant::now(),
             prefetched: None,
-            written: None,
-            unwritten: None,
         }
     }
 
-    /// The durable consumer's name: `<projector>_p<partition>`.
+    /// The durable consumer's name: `<name>_p<partition>`.
     pub fn consumer_name(&self) -> String {
-        format!("{}_p{}", self.projection.name(), self.partition)
+        format!("{}_p{}", self.name, self.shared.partition)
     }
 
     /// The partition this worker projects.
     pub fn partition(&self) -> i32 {
-        self.partition
+        self.shared.partition
     }
 
     /// Gets or creates the stream and this worker's durable consumer. A new consumer acks
     /// cumulatively (`AckPolicy::All`): one ack per committed batch instead of one per message.
     /// An existing consumer keeps the ack policy it was created with (JetStream cannot change it)
-    /// and is acked accordingly.
+    /// and is acked accordingly. A new consumer of a group starts where the projections' own
+    /// consumers left off, if they all exist (see [`Self::start_after_predecessors`]).
     pub async fn consumer(&mut self) -> Result<PullConsumer, WorkerError> {
         if let Some(c) = &self.consumer {
             return Ok(c.clone());
@@ -194,19 +276,25 @@ impl PartitionWorker {
             .await
             .map_err(|e| WorkerError::Nats(format!("ensure stream: {e:#}")))?;
         let name = self.consumer_name();
+        let deliver_policy = match stream.consumer_info(&name).await {
+            // It exists: its own configuration wins below.
+            Ok(_) => DeliverPolicy::All,
+            Err(_) => self.start_after_predecessors(&stream).await,
+        };
+        let config = &self.shared.config;
         let consumer: PullConsumer = stream
             .get_or_create_consumer(
                 &name,
                 pull::Config {
                     durable_name: Some(name.clone()),
-                    deliver_policy: DeliverPolicy::All,
+                    deliver_policy,
                     ack_policy: AckPolicy::All,
-                    max_ack_pending: i64::try_from(self.config.batch_size.saturating_mul(4))
+                    max_ack_pending: i64::try_from(config.batch_size.saturating_mul(4))
                         .unwrap_or(i64::MAX),
-                    ack_wait: self.config.ack_wait,
+                    ack_wait: config.ack_wait,
                     // Unlimited: the runtime counts attempts itself and dead-letters.
                     max_deliver: -1,
-                    filter_subject: self.topology.partition_filter(self.partition),
+                    filter_subject: self.topology.partition_filter(self.shared.partition),
                     ..Default::default()
                 },
             )
@@ -218,56 +306,101 @@ impl PartitionWorker {
         Ok(consumer)
     }
 
+    /// Where a new consumer shared by several projections starts: right after the last message
+    /// that every projection's own consumer (`<projection>_p<partition>`, as each projection had
+    /// before they shared one) acknowledged, so taking over from them does not deliver the whole
+    /// stream again. From the start of the stream when any of them is missing. Either start is
+    /// exact: messages at or below a projection's checkpoint are skipped, and a start past an
+    /// event some projection has not applied breaks its `Nura-Prev` chain, which is then filled
+    /// from Postgres. The old consumers are left alone (an instance of an older version may
+    /// still read them); they can be deleted once every instance shares consumers.
+    async fn start_after_predecessors(&self, stream: &jetstream::stream::Stream) -> DeliverPolicy {
+        let mut acked: Option<u64> = None;
+        for p in &self.projectors {
+            let own = format!("{}_p{}", p.projection.name(), self.shared.partition);
+            if own == self.consumer_name() {
+                return DeliverPolicy::All;
+            }
+            match stream.consumer_info(&own).await {
+                Ok(info) => {
+                    let floor = info.ack_floor.stream_sequence;
+                    acked = Some(acked.map_or(floor, |a| a.min(floor)));
+                }
+                Err(_) => return DeliverPolicy::All,
+            }
+        }
+        match acked {
+            Some(floor) if floor > 0 => {
+                tracing::info!(
+                    consumer = %self.consumer_name(), start_sequence = floor + 1,
+                    "new shared consumer starts after what the projections' own consumers acknowledged"
+                );
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: floor + 1,
+                }
+            }
+            _ => DeliverPolicy::All,
+        }
+    }
+
     /// One step: take the next batch of up to `batch_size` messages (waiting up to
-    /// `idle_fetch_wait` when the partition is idle), apply it in one transaction with the
-    /// checkpoint, commit, then ack. See the crate docs for the skip / hole-fill / dead-letter
-    /// rules. While a full batch is applied the next one is already requested, so its messages
-    /// travel meanwhile; [`PartitionWorker::release`] hands such a prefetched batch back.
+    /// `idle_fetch_wait` when the partition is idle), have every projection apply it (each
+    /// commits its rows with its checkpoint), then acknowledge it. See the crate docs for the
+    /// skip / hole-fill / dead-letter rules. While a full batch is applied the next one is
+    /// already requested, so its messages travel meanwhile; [`PartitionWorker::release`] hands
+    /// such a prefetched batch back.
     pub async fn process_batch(&mut self) -> Result<BatchOutcome, WorkerError> {
-        let waited = Instant::now();
         let msgs = self.receive().await?;
         if msgs.is_empty() {
-            self.write_foreign_progress().await?;
+            for p in &mut self.projectors {
+                p.write_foreign_progress(&self.shared).await?;
+            }
             self.check_consumer().await;
             return Ok(BatchOutcome::default());
         }
-        let started = Instant::now();
-        // Most batches apply cleanly: apply them as a whole with the projection's set-based
-        // statements, and only when that fails redo the batch carefully, event by event, each in
-        // a savepoint, which finds the failing event and retries or dead-letters it alone.
-        let result = self.apply(&msgs).await;
-        tracing::debug!(
-            projector = self.projection.name(), partition = self.partition, messages = msgs.len(),
-            waited = ?started.duration_since(waited), applied_in = ?started.elapsed(), "batch"
-        );
-        let labels = [
-            ("projector", self.projection.name().to_string()),
-            ("partition", self.partition.to_string()),
-        ];
-        metrics::histogram!("nura_projector_batch_seconds", &labels)
-            .record(started.elapsed().as_secs_f64());
-        if let Some(pending) = msgs.last().and_then(|m| m.info().ok()).map(|i| i.pending) {
-            metrics::gauge!("nura_projector_pending_messages", &labels).set(pending as f64);
-        }
-        match result {
-            Ok(outcome) => {
-                metrics::counter!("nura_projector_applied_total", &labels)
-                    .increment((outcome.applied) as u64);
-                metrics::counter!("nura_projector_skipped_total", &labels)
-                    .increment(outcome.skipped as u64);
-                metrics::counter!("nura_projector_holes_filled_total", &labels)
-                    .increment(outcome.holes_filled as u64);
-                Ok(outcome)
-            }
-            Err(e) => {
-                // Nothing was committed: bring the batch back soon rather than after ack_wait.
-                let delay = self.config.backoff(1);
-                for m in &msgs {
-                    let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
+        let pending = msgs.last().and_then(|m| m.info().ok()).map(|i| i.pending);
+        let shared = &self.shared;
+        let results = futures::future::join_all(
+            self.projectors
+                .iter_mut()
+                .map(|p| p.apply(shared, &msgs, pending)),
+        )
+        .await;
+        let mut outcome = BatchOutcome {
+            fetched: msgs.len(),
+            ..Default::default()
+        };
+        let mut answers = vec![AckKind::Ack; msgs.len()];
+        let mut failure = None;
+        for result in results {
+            match result {
+                Ok(applied) => {
+                    outcome.absorb(applied.outcome);
+                    for (answer, other) in answers.iter_mut().zip(applied.answers) {
+                        *answer = stronger(*answer, other);
+                    }
                 }
-                Err(e)
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
             }
         }
+        if let Some(e) = failure {
+            // That projection committed nothing: bring the batch back soon rather than after
+            // ack_wait (the projections that did commit skip it then).
+            let delay = self.shared.config.backoff(1);
+            for m in &msgs {
+                let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
+            }
+            return Err(e);
+        }
+        // Acks only after every commit: a crash in between means redelivery, which is skipped.
+        outcome.nacked = answers
+            .iter()
+            .filter(|a| matches!(a, AckKind::Nak(_)))
+            .count();
+        self.acknowledge(&msgs, &answers).await;
+        Ok(outcome)
     }
 
     /// The messages of the next batch: the prefetched one if there is one, else a new fetch.
@@ -288,7 +421,7 @@ impl PartitionWorker {
                 Ok(m) => msgs.push(m),
                 Err(e) => {
                     // Process what arrived; the consumer is re-fetched next step.
-                    tracing::warn!(partition = self.partition, error = %e, "fetch interrupted");
+                    tracing::warn!(partition = self.shared.partition, error = %e, "fetch interrupted");
                     self.consumer = None;
                     break;
                 }
@@ -308,9 +441,10 @@ impl PartitionWorker {
     /// or fewer so as not to exceed the consumer's `max_ack_pending` (the server refuses a
     /// request beyond it).
     fn room(&self, consumer: &PullConsumer, unacked: usize) -> usize {
+        let batch_size = self.shared.config.batch_size;
         match usize::try_from(consumer.cached_info().config.max_ack_pending) {
-            Ok(limit) if limit > 0 => self.config.batch_size.min(limit.saturating_sub(unacked)),
-            _ => self.config.batch_size,
+            Ok(limit) if limit > 0 => batch_size.min(limit.saturating_sub(unacked)),
+            _ => batch_size,
         }
     }
 
@@ -325,7 +459,7 @@ impl PartitionWorker {
         let batch = consumer
             .fetch()
             .max_messages(requested)
-            .expires(self.config.idle_fetch_wait)
+            .expires(self.shared.config.idle_fetch_wait)
             .messages()
             .await
             .map_err(|e| {
@@ -339,8 +473,13 @@ impl PartitionWorker {
     /// partition): its messages are nacked without delay so whoever projects the partition next
     /// gets them at once instead of after `ack_wait`. Waits at most for the fetch to expire.
     pub async fn release(&mut self) {
-        if let Err(e) = self.write_foreign_progress().await {
-            tracing::warn!(partition = self.partition, error = %e, "could not write the checkpoint on release");
+        for p in &mut self.projectors {
+            if let Err(e) = p.write_foreign_progress(&self.shared).await {
+                tracing::warn!(
+                    projector = p.projection.name(), partition = self.shared.partition, error = %e,
+                    "could not write the checkpoint on release"
+                );
+            }
         }
         let Some((mut batch, _)) = self.prefetched.take() else {
             return;
@@ -367,35 +506,102 @@ impl PartitionWorker {
         }
     }
 
+    /// Answers JetStream for the messages of a committed batch, message `i` with `answers[i]`.
+    /// When every answer is a plain ack and the consumer acks cumulatively, one ack of the
+    /// message of highest stream sequence acks them all. It also acks any earlier message of the
+    /// consumer still out elsewhere (held by another owner, or a chaos client): in the normal
+    /// case its event is at or below the checkpoints just committed; if not (a message
+    /// republished after a loss overtook it), its event is refilled from Postgres through the
+    /// `Nura-Prev` chain when the partition's next message arrives, so it is late, never lost. A
+    /// batch with a nak or a termination is answered message by message, so an event to retry is
+    /// never acked (a projection naks a failing message and every one after it).
+    async fn acknowledge(&self, msgs: &[jetstream::Message], answers: &[AckKind]) {
+        let all_acks = answers.iter().all(|k| matches!(k, AckKind::Ack));
+        let highest = || {
+            msgs.iter()
+                .map(|m| m.info().map(|i| i.stream_sequence).ok().map(|s| (s, m)))
+                .collect::<Option<Vec<_>>>()?
+                .into_iter()
+                .max_by_key(|(s, _)| *s)
+                .map(|(_, m)| m)
+        };
+        let answers: Vec<(&jetstream::Message, AckKind)> =
+            match (self.ack_all && all_acks).then(highest).flatten() {
+                Some(last) => vec![(last, AckKind::Ack)],
+                None => msgs.iter().zip(answers.iter().copied()).collect(),
+            };
+        for (msg, kind) in answers {
+            if let Err(e) = msg.ack_with(kind).await {
+                tracing::warn!(partition = self.shared.partition, error = %e, "ack failed; the message will be redelivered and skipped");
+            }
+        }
+    }
+}
+
+impl Projector {
     /// Applies a batch by the cheapest path that can take it: a batch of other aggregates'
     /// events moves the checkpoint alone; a clean chain goes through the projection's gated
     /// statement; anything else (or a refusal) gets the transaction, and a batch refused there
-    /// is redone event by event.
+    /// is redone event by event. Commits, but does not acknowledge: the worker answers once
+    /// every projection of the batch has committed.
     /// The path is counted in `nura_projector_batches_total{path}`: `foreign`, `gated`,
     /// `transaction`, `careful`.
-    async fn apply(&mut self, msgs: &[jetstream::Message]) -> Result<BatchOutcome, WorkerError> {
-        let foreign = self.pass_foreign_batch(msgs).await?;
+    async fn apply(
+        &mut self,
+        shared: &Shared,
+        msgs: &[jetstream::Message],
+        pending: Option<u64>,
+    ) -> Result<Applied, WorkerError> {
+        let started = Instant::now();
+        let result = self.apply_by_path(shared, msgs).await;
+        let name = self.projection.name();
+        tracing::debug!(
+            projector = name, partition = shared.partition, messages = msgs.len(),
+            applied_in = ?started.elapsed(), "batch"
+        );
+        let labels = [
+            ("projector", name.to_string()),
+            ("partition", shared.partition.to_string()),
+        ];
+        metrics::histogram!("nura_projector_batch_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
+        if let Some(pending) = pending {
+            metrics::gauge!("nura_projector_pending_messages", &labels).set(pending as f64);
+        }
+        let (path, applied) = result?;
+        metrics::counter!("nura_projector_batches_total", "projector" => name, "path" => path)
+            .increment(1);
+        let o = &applied.outcome;
+        metrics::counter!("nura_projector_applied_total", &labels).increment(o.applied as u64);
+        metrics::counter!("nura_projector_skipped_total", &labels).increment(o.skipped as u64);
+        metrics::counter!("nura_projector_holes_filled_total", &labels)
+            .increment(o.holes_filled as u64);
+        Ok(applied)
+    }
+
+    async fn apply_by_path(
+        &mut self,
+        shared: &Shared,
+        msgs: &[jetstream::Message],
+    ) -> Result<(&'static str, Applied), WorkerError> {
+        let foreign = self.pass_foreign_batch(shared, msgs).await?;
         if foreign.is_none() {
             // Every other path reads the checkpoint from the table.
-            self.write_foreign_progress().await?;
+            self.write_foreign_progress(shared).await?;
         }
-        let (path, outcome) = if let Some(o) = foreign {
-            ("foreign", o)
-        } else if let Some(o) = self.apply_gated(msgs).await? {
-            ("gated", o)
-        } else if let Some(o) = self.apply_batch(msgs, false).await? {
-            ("transaction", o)
+        Ok(if let Some(a) = foreign {
+            ("foreign", a)
+        } else if let Some(a) = self.apply_gated(shared, msgs).await? {
+            ("gated", a)
+        } else if let Some(a) = self.apply_batch(shared, msgs, false).await? {
+            ("transaction", a)
         } else {
-            let o = self.apply_batch(msgs, true).await?;
+            let a = self.apply_batch(shared, msgs, true).await?;
             (
                 "careful",
-                o.ok_or_else(|| WorkerError::Nats("careful batch gave up".into()))?,
+                a.ok_or_else(|| WorkerError::Nats("careful batch gave up".into()))?,
             )
-        };
-        metrics::counter!("nura_projector_batches_total",
-            "projector" => self.projection.name(), "path" => path)
-        .increment(1);
-        Ok(outcome)
+        })
     }
 
     /// The `Nura-Prev` chain of a batch read from its headers alone: `(from, to)` when every
@@ -404,6 +610,7 @@ impl PartitionWorker {
     /// message's stream. `None` otherwise.
     fn chain(
         &self,
+        shared: &Shared,
         msgs: &[jetstream::Message],
         mut accept: impl FnMut(&str) -> bool,
     ) -> Option<(Position, Position)> {
@@ -419,7 +626,7 @@ impl PartitionWorker {
             let prev = nura_nats::prev_of(m.headers.as_ref())
                 .ok()?
                 .unwrap_or(Position::ZERO);
-            if commit.partition != self.partition {
+            if commit.partition != shared.partition {
                 return None;
             }
             match last {
@@ -438,10 +645,11 @@ impl PartitionWorker {
     /// one leaves out (redeliveries, holes, dead letters, undecodable messages, failures).
     async fn apply_gated(
         &mut self,
+        shared: &Shared,
         msgs: &[jetstream::Message],
-    ) -> Result<Option<BatchOutcome>, WorkerError> {
+    ) -> Result<Option<Applied>, WorkerError> {
         let mut streams: Vec<String> = Vec::with_capacity(msgs.len());
-        let Some((from, to)) = self.chain(msgs, |s| {
+        let Some((from, to)) = self.chain(shared, msgs, |s| {
             streams.push(s.to_owned());
             true
         }) else {
@@ -452,18 +660,18 @@ impl PartitionWorker {
         let mut events = Vec::with_capacity(msgs.len());
         for m in msgs {
             match nura_nats::decode(m.headers.as_ref(), &m.payload) {
-                Ok(d) if d.event.partition == self.partition => events.push(d.event),
+                Ok(d) if d.event.partition == shared.partition => events.push(d.event),
                 _ => return Ok(None),
             }
         }
         let gate = Gate {
             projector: self.projection.name(),
-            partition: self.partition,
+            partition: shared.partition,
             from,
             to,
             streams,
         };
-        let mut conn = self.store.pool().acquire().await?;
+        let mut conn = shared.store.pool().acquire().await?;
         match self
             .projection
             .apply_batch_gated(&mut conn, &events, &gate)
@@ -473,7 +681,7 @@ impl PartitionWorker {
             Ok(Gated::Refused | Gated::Unsupported) => return Ok(None),
             Err(e) => {
                 tracing::debug!(
-                    projector = gate.projector, partition = self.partition, error = %e,
+                    projector = gate.projector, partition = shared.partition, error = %e,
                     "gated batch failed; applying it in a transaction"
                 );
                 return Ok(None);
@@ -481,14 +689,13 @@ impl PartitionWorker {
         }
         drop(conn);
         self.written = Some(to);
-        self.posted(to);
-        self.acknowledge(msgs, |_| AckKind::Ack).await;
-        Ok(Some(BatchOutcome {
+        self.posted(shared, to);
+        Ok(Some(Applied::all_acked(BatchOutcome {
             fetched: msgs.len(),
             applied: msgs.len(),
             gated: 1,
             ..Default::default()
-        }))
+        })))
     }
 
     /// A batch made only of events of streams the projection does not read (another aggregate's)
@@ -509,9 +716,11 @@ impl PartitionWorker {
     /// hole, another owner's progress, no row yet): the other paths decide those.
     async fn pass_foreign_batch(
         &mut self,
+        shared: &Shared,
         msgs: &[jetstream::Message],
-    ) -> Result<Option<BatchOutcome>, WorkerError> {
-        let Some((from, to)) = self.chain(msgs, |stream| !self.projection.reads_stream(stream))
+    ) -> Result<Option<Applied>, WorkerError> {
+        let Some((from, to)) =
+            self.chain(shared, msgs, |stream| !self.projection.reads_stream(stream))
         else {
             return Ok(None);
         };
@@ -520,32 +729,31 @@ impl PartitionWorker {
             let since = self.unwritten.map_or_else(Instant::now, |(_, since)| since);
             self.unwritten = Some((to, since));
             if since.elapsed() >= FOREIGN_WRITE_EVERY {
-                self.write_foreign_progress().await?;
+                self.write_foreign_progress(shared).await?;
             }
         } else {
-            self.write_foreign_progress().await?;
-            if !self.move_checkpoint(from, to).await? {
+            self.write_foreign_progress(shared).await?;
+            if !self.move_checkpoint(shared, from, to).await? {
                 return Ok(None);
             }
         }
-        self.posted(to);
-        self.acknowledge(msgs, |_| AckKind::Ack).await;
-        Ok(Some(BatchOutcome {
+        self.posted(shared, to);
+        Ok(Some(Applied::all_acked(BatchOutcome {
             fetched: msgs.len(),
             applied: msgs.len(),
             ..Default::default()
-        }))
+        })))
     }
 
     /// Writes the checkpoint that batches of other aggregates' events moved in memory, if any.
     /// If the table's checkpoint is no longer the one this worker wrote (another owner moved
     /// it), the in-memory progress is dropped: that owner's chain covers those events.
-    async fn write_foreign_progress(&mut self) -> Result<(), WorkerError> {
+    async fn write_foreign_progress(&mut self, shared: &Shared) -> Result<(), WorkerError> {
         let (Some((to, _)), Some(from)) = (self.unwritten, self.written) else {
             return Ok(());
         };
         self.unwritten = None;
-        if !self.move_checkpoint(from, to).await? {
+        if !self.move_checkpoint(shared, from, to).await? {
             self.written = None;
         }
         Ok(())
@@ -553,18 +761,23 @@ impl PartitionWorker {
 
     /// Moves the checkpoint from `from` to `to` with one conditional `UPDATE`, without a
     /// transaction; false (nothing changed) when it is not at `from`.
-    async fn move_checkpoint(&mut self, from: Position, to: Position) -> Result<bool, WorkerError> {
+    async fn move_checkpoint(
+        &mut self,
+        shared: &Shared,
+        from: Position,
+        to: Position,
+    ) -> Result<bool, WorkerError> {
         let moved = sqlx::query(
             "UPDATE read.checkpoints SET transaction_id = $5, global_position = $6, updated_at = now() \
              WHERE projector = $1 AND partition = $2 AND transaction_id = $3 AND global_position = $4",
         )
         .bind(self.projection.name())
-        .bind(self.partition)
+        .bind(shared.partition)
         .bind(from.tx)
         .bind(from.pos)
         .bind(to.tx)
         .bind(to.pos)
-        .execute(self.store.pool())
+        .execute(shared.store.pool())
         .await;
         match moved {
             Ok(r) if r.rows_affected() == 1 => {
@@ -585,15 +798,16 @@ impl PartitionWorker {
     /// dead-lettered alone.
     async fn apply_batch(
         &mut self,
+        shared: &Shared,
         msgs: &[jetstream::Message],
         careful: bool,
-    ) -> Result<Option<BatchOutcome>, WorkerError> {
+    ) -> Result<Option<Applied>, WorkerError> {
         let name = self.projection.name();
         let decoded: Vec<Result<Delivered, String>> = msgs
             .iter()
             .map(|m| {
                 nura_nats::decode(m.headers.as_ref(), &m.payload).and_then(|d| {
-                    if d.event.partition == self.partition {
+                    if d.event.partition == shared.partition {
                         Ok(d)
                     } else {
                         Err(format!(
@@ -608,10 +822,10 @@ impl PartitionWorker {
             fetched: msgs.len(),
             ..Default::default()
         };
-        let mut tx = self.store.pool().begin().await?;
-        let start = lock_checkpoint(&mut tx, name, self.partition).await?;
+        let mut tx = shared.store.pool().begin().await?;
+        let start = lock_checkpoint(&mut tx, name, shared.partition).await?;
         let mut checkpoint = start;
-        let mut parked = dead_letters::open_streams(&mut tx, name, self.partition).await?;
+        let mut parked = dead_letters::open_streams(&mut tx, name, shared.partition).await?;
         // Index of the first message to nak (a failing event with attempts left), and its delay.
         let mut stop: Option<(usize, Duration)> = None;
         // The fast path's events, applied together after the loop.
@@ -622,7 +836,7 @@ impl PartitionWorker {
             let d = match d {
                 Ok(d) => d,
                 Err(e) => {
-                    tracing::error!(partition = self.partition, error = %e, "undecodable message terminated");
+                    tracing::error!(partition = shared.partition, error = %e, "undecodable message terminated");
                     outcome.undecodable += 1;
                     continue;
                 }
@@ -635,13 +849,13 @@ impl PartitionWorker {
             let events = if d.prev.unwrap_or(Position::ZERO) == checkpoint {
                 vec![d.event]
             } else {
-                match self.fill_hole(checkpoint, &d.event).await? {
+                match self.fill_hole(shared, checkpoint, &d.event).await? {
                     Some(events) => events,
                     None => {
                         // Not an event of our log (another database publishing on our subjects?):
                         // nothing to apply or dead-letter; terminate it so it cannot stall us.
                         tracing::error!(
-                            partition = self.partition, event_id = %d.event.event_id,
+                            partition = shared.partition, event_id = %d.event.event_id,
                             "message names an event that is not in the event store; terminated"
                         );
                         terminate[i] = true;
@@ -680,8 +894,8 @@ impl PartitionWorker {
                         sqlx::query("ROLLBACK TO SAVEPOINT apply")
                             .execute(&mut *tx)
                             .await?;
-                        if attempts < i64::from(self.config.max_attempts) {
-                            let delay = self.config.backoff(attempts as u32);
+                        if attempts < i64::from(shared.config.max_attempts) {
+                            let delay = shared.config.backoff(attempts as u32);
                             tracing::warn!(
                                 projector = name, event_id = %event.event_id, attempts,
                                 error = %e, retry_in = ?delay, "apply failed; will retry"
@@ -710,7 +924,7 @@ impl PartitionWorker {
         if let Err(e) = self.projection.apply_batch(&mut tx, &pending).await {
             // The transaction is dropped (rolled back); the caller retries carefully.
             tracing::debug!(
-                projector = name, partition = self.partition, error = %e,
+                projector = name, partition = shared.partition, error = %e,
                 "batch refused; applying it event by event"
             );
             return Ok(None);
@@ -721,7 +935,7 @@ impl PartitionWorker {
                  WHERE projector = $1 AND partition = $2",
             )
             .bind(name)
-            .bind(self.partition)
+            .bind(shared.partition)
             .bind(checkpoint.tx)
             .bind(checkpoint.pos)
             .execute(&mut *tx)
@@ -731,56 +945,22 @@ impl PartitionWorker {
         tx.commit().await?;
         self.written = Some(checkpoint);
         if checkpoint != start {
-            self.posted(checkpoint);
+            self.posted(shared, checkpoint);
         }
-        // Acks only after the commit: a crash in between means redelivery, which is skipped.
-        if let Some((s, _)) = stop {
-            outcome.nacked = msgs.len() - s;
-        }
-        self.acknowledge(msgs, |i| match stop {
-            Some((s, delay)) if i >= s => AckKind::Nak(Some(delay)),
-            _ if terminate[i] => AckKind::Term,
-            _ => AckKind::Ack,
-        })
-        .await;
-        Ok(Some(outcome))
+        let answers = (0..msgs.len())
+            .map(|i| match stop {
+                Some((s, delay)) if i >= s => AckKind::Nak(Some(delay)),
+                _ if terminate[i] => AckKind::Term,
+                _ => AckKind::Ack,
+            })
+            .collect();
+        Ok(Some(Applied { outcome, answers }))
     }
 
     /// Posts a committed checkpoint to the process's board, if there is one.
-    fn posted(&self, checkpoint: Position) {
-        if let Some(board) = &self.config.checkpoint_board {
-            board.post(self.projection.name(), self.partition, checkpoint);
-        }
-    }
-
-    /// Answers JetStream for the messages of a committed batch, message `i` with `kind(i)`. When
-    /// every answer is a plain ack and the consumer acks cumulatively, one ack of the message of
-    /// highest stream sequence acks them all. It also acks any earlier message of the consumer
-    /// still out elsewhere (held by another owner, or a chaos client): in the normal case its
-    /// event is at or below the checkpoint just committed; if not (a message republished after
-    /// a loss overtook it), its event is refilled from Postgres through the `Nura-Prev` chain
-    /// when the partition's next message arrives, so it is late, never lost. A batch with a nak
-    /// or a termination is answered message by message, so an event to retry is never acked.
-    async fn acknowledge(&self, msgs: &[jetstream::Message], kind: impl Fn(usize) -> AckKind) {
-        let kinds: Vec<AckKind> = (0..msgs.len()).map(kind).collect();
-        let all_acks = kinds.iter().all(|k| matches!(k, AckKind::Ack));
-        let highest = || {
-            msgs.iter()
-                .map(|m| m.info().map(|i| i.stream_sequence).ok().map(|s| (s, m)))
-                .collect::<Option<Vec<_>>>()?
-                .into_iter()
-                .max_by_key(|(s, _)| *s)
-                .map(|(_, m)| m)
-        };
-        let answers: Vec<(&jetstream::Message, AckKind)> =
-            match (self.ack_all && all_acks).then(highest).flatten() {
-                Some(last) => vec![(last, AckKind::Ack)],
-                None => msgs.iter().zip(kinds).collect(),
-            };
-        for (msg, kind) in answers {
-            if let Err(e) = msg.ack_with(kind).await {
-                tracing::warn!(partition = self.partition, error = %e, "ack failed; the message will be redelivered and skipped");
-            }
+    fn posted(&self, shared: &Shared, checkpoint: Position) {
+        if let Some(board) = &shared.config.checkpoint_board {
+            board.post(self.projection.name(), shared.partition, checkpoint);
         }
     }
 
@@ -789,12 +969,13 @@ impl PartitionWorker {
     /// it in the partition is committed and final. `None` when `event` is not in the store.
     async fn fill_hole(
         &self,
+        shared: &Shared,
         checkpoint: Position,
         event: &RecordedEvent,
     ) -> Result<Option<Vec<RecordedEvent>>, WorkerError> {
-        let events = self
+        let events = shared
             .store
-            .read_partition(self.partition, checkpoint, event.position())
+            .read_partition(shared.partition, checkpoint, event.position())
             .await?;
         if events.last().map(|e| e.event_id) != Some(event.event_id) {
             return Ok(None);
@@ -802,7 +983,7 @@ impl PartitionWorker {
         if events.len() > 1 {
             tracing::info!(
                 projector = self.projection.name(),
-                partition = self.partition,
+                partition = shared.partition,
                 from = %checkpoint,
                 to = %event.position(),
                 filled = events.len() - 1,
@@ -851,10 +1032,14 @@ pub(crate) async fn lock_checkpoint(
     Ok(position(row))
 }
 
+/// The name of the group of every registered projection in [`run`]: its consumers are
+/// `projectors_p<partition>`, its ownership lock is `nura-projector:projectors`.
+pub const GROUP: &str = "projectors";
+
 /// Runs every registered projector — `conversations` (read.conversations + read.messages) and
-/// `api_keys` (read.api_keys) — over all partitions until `shutdown` is cancelled. Several
-/// instances may run at once: each (projector, partition) is owned by one of them at a time (the
-/// others stand by). If one projector fails, the other is stopped too and the error returned.
+/// `api_keys` (read.api_keys) — over all partitions until `shutdown` is cancelled, as one
+/// [`GROUP`]: one consumer per partition delivers each event once to both. Several instances may
+/// run at once: each partition is owned by one of them at a time (the others stand by).
 pub async fn run(
     store: EventStore,
     js: jetstream::Context,
@@ -862,34 +1047,12 @@ pub async fn run(
     config: ProjectorConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let local = shutdown.child_token();
     let projections: [Arc<dyn Projection>; 2] = [Arc::new(Conversations), Arc::new(ApiKeys)];
-    let runs = projections.into_iter().map(|projection| {
-        let (store, js, topology, config, local) = (
-            store.clone(),
-            js.clone(),
-            topology.clone(),
-            config.clone(),
-            local.clone(),
-        );
-        async move {
-            let result =
-                run_projection(store, js, topology, config, projection, local.clone()).await;
-            if result.is_err() {
-                local.cancel();
-            }
-            result
-        }
-    });
-    futures::future::join_all(runs)
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<Vec<()>>>()
-        .map(drop)
+    run_group(store, js, topology, config, GROUP, &projections, shutdown).await
 }
 
-/// Runs any projection over all partitions until `shutdown` is cancelled (see [`run`]).
-/// Returns an error if a partition task panicked (the other tasks are stopped first).
+/// Runs one projection alone over all partitions, with consumers and an ownership lock of its
+/// own (named after it), until `shutdown` is cancelled (see [`run`]).
 pub async fn run_projection(
     store: EventStore,
     js: jetstream::Context,
@@ -898,15 +1061,32 @@ pub async fn run_projection(
     projection: Arc<dyn Projection>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let name = projection.name();
+    run_group(store, js, topology, config, name, &[projection], shutdown).await
+}
+
+/// Runs `projections` over all partitions, sharing one consumer per partition named after
+/// `name`, until `shutdown` is cancelled. Returns an error if a partition task panicked (the
+/// other tasks are stopped first).
+async fn run_group(
+    store: EventStore,
+    js: jetstream::Context,
+    topology: Topology,
+    config: ProjectorConfig,
+    name: &str,
+    projections: &[Arc<dyn Projection>],
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let local = shutdown.child_token();
     let mut tasks = JoinSet::new();
     for partition in 0..store.partitions() {
-        let worker = PartitionWorker::new(
+        let worker = PartitionWorker::shared_by(
             store.clone(),
             js.clone(),
             topology.clone(),
             config.clone(),
-            projection.clone(),
+            name,
+            projections,
             partition,
         );
         tasks.spawn(own_and_run(
@@ -916,20 +1096,22 @@ pub async fn run_projection(
             local.clone(),
         ));
     }
+    let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
     tracing::info!(
-        projector = projection.name(),
+        projector = name,
+        projections = ?names,
         partitions = store.partitions(),
         "projector started"
     );
     let mut failure = None;
     while let Some(joined) = tasks.join_next().await {
         if let Err(e) = joined {
-            tracing::error!(projector = projection.name(), error = %e, "partition task died; stopping the projector");
+            tracing::error!(projector = name, error = %e, "partition task died; stopping the projector");
             local.cancel();
             failure.get_or_insert(e);
         }
     }
-    tracing::info!(projector = projection.name(), "projector stopped");
+    tracing::info!(projector = name, "projector stopped");
     match failure {
         Some(e) => Err(e).context("a partition task of the projector died"),
         None => Ok(()),
@@ -943,8 +1125,8 @@ async fn own_and_run(
     config: ProjectorConfig,
     shutdown: CancellationToken,
 ) {
-    let name = worker.projection.name();
-    let partition = worker.partition;
+    let name = worker.name.clone();
+    let partition = worker.partition();
     let lock_key = format!("nura-projector:{name}");
     while !shutdown.is_cancelled() {
         let mut lock = match take_ownership(&store, &lock_key, partition).await {
@@ -954,32 +1136,34 @@ async fn own_and_run(
                 continue;
             }
             Err(e) => {
-                tracing::warn!(projector = name, partition, error = %e, "cannot try for ownership");
+                tracing::warn!(projector = %name, partition, error = %e, "cannot try for ownership");
                 sleep_or_cancel(STANDBY_RETRY, &shutdown).await;
                 continue;
             }
         };
-        tracing::info!(projector = name, partition, "partition ownership gained");
-        metrics::gauge!("nura_projector_owned_partitions", "projector" => name).increment(1.0);
+        tracing::info!(projector = %name, partition, "partition ownership gained");
+        metrics::gauge!("nura_projector_owned_partitions", "projector" => name.clone())
+            .increment(1.0);
         let mut checked = Instant::now();
         while !shutdown.is_cancelled() {
             if checked.elapsed() >= OWNERSHIP_CHECK {
                 checked = Instant::now();
                 if let Err(e) = lock.ping().await {
-                    tracing::warn!(projector = name, partition, error = %e, "partition ownership lost");
+                    tracing::warn!(projector = %name, partition, error = %e, "partition ownership lost");
                     break;
                 }
             }
             match worker.process_batch().await {
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(projector = name, partition, error = %e, "batch failed; retrying");
+                    tracing::warn!(projector = %name, partition, error = %e, "batch failed; retrying");
                     sleep_or_cancel(config.backoff(1), &shutdown).await;
                 }
             }
         }
         worker.release().await;
-        metrics::gauge!("nura_projector_owned_partitions", "projector" => name).decrement(1.0);
+        metrics::gauge!("nura_projector_owned_partitions", "projector" => name.clone())
+            .decrement(1.0);
         // Closing the session releases the advisory lock.
         let _ = lock.close().await;
     }

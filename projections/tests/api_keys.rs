@@ -3,67 +3,18 @@
 
 mod common;
 
-use common::{Env, Publisher, append, partition_heads, started, test_config};
-use nura_domain::DomainEvent;
-use nura_domain::api_key::{ApiKeyEvent, stream_id};
+use common::{
+    Env, Publisher, append, append_key, apply_all, issued, partition_heads, revoked, started,
+    test_config,
+};
+use nura_domain::api_key::stream_id;
 use nura_projections::api_keys::{self, ApiKeys};
 use nura_projections::{ApplyError, Projection, ProjectorConfig, has_passed};
-use nura_store::{CommitToken, EventStore, ExpectedVersion, Metadata, NewEvent, Position};
+use nura_store::{CommitToken, EventStore, Position};
 use nura_testkit::TestDb;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-fn issued(key_id: Uuid, tenant: &str) -> ApiKeyEvent {
-    ApiKeyEvent::ApiKeyIssued {
-        key_id,
-        tenant_id: tenant.into(),
-        name: "ci".into(),
-        roles: vec!["service".into(), "viewer".into()],
-        secret_hash: "cd".repeat(32),
-        issued_by: "alice".into(),
-        at: common::at(1),
-    }
-}
-
-fn revoked() -> ApiKeyEvent {
-    ApiKeyEvent::ApiKeyRevoked {
-        revoked_by: "bob".into(),
-        at: common::at(2),
-    }
-}
-
-async fn append_key(
-    store: &EventStore,
-    key_id: Uuid,
-    tenant: &str,
-    e: &ApiKeyEvent,
-) -> CommitToken {
-    let new = NewEvent {
-        event_id: Uuid::now_v7(),
-        event_type: e.event_type().into(),
-        schema_version: 1,
-        payload: e.to_payload(),
-    };
-    let meta = Metadata {
-        tenant_id: tenant.into(),
-        actor: "alice".into(),
-        command_id: Uuid::now_v7().to_string(),
-        correlation_id: "test".into(),
-        causation_id: None,
-    };
-    store
-        .append(
-            &stream_id(key_id),
-            ExpectedVersion::Any,
-            &[new],
-            &meta,
-            None,
-        )
-        .await
-        .expect("append")
-        .commit
-}
 
 async fn row(
     pool: &sqlx::PgPool,
@@ -76,29 +27,6 @@ async fn row(
     .fetch_optional(pool)
     .await
     .expect("select")
-}
-
-/// Applies every API-key event of `store` through the projection into `target`, stream by
-/// stream. Not `fold`: `read_all` stops at the oldest transaction open anywhere on the shared
-/// server, and other tests hold some open on purpose.
-async fn apply_all(store: &EventStore, target: &sqlx::PgPool) -> Result<(), ApplyError> {
-    let streams: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT stream_id FROM es.events WHERE stream_id LIKE 'apikey-%'",
-    )
-    .fetch_all(store.pool())
-    .await?;
-    let mut tx = target.begin().await?;
-    for s in streams {
-        let events = store
-            .read_stream(&s, 0, 1000)
-            .await
-            .map_err(|e| ApplyError::Inconsistent(e.to_string()))?;
-        for e in events {
-            ApiKeys.apply(&mut tx, &e).await?;
-        }
-    }
-    tx.commit().await?;
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

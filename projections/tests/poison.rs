@@ -45,26 +45,6 @@ fn principal(tenant: &str, role: Role) -> Principal {
     }
 }
 
-async fn set_poison_trigger(env: &Env, on: bool) {
-    let statements: &[&'static str] = if on {
-        &[
-            "CREATE FUNCTION public.refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN IF NEW.text = 'poison' THEN RAISE EXCEPTION 'poison message refused'; END IF; \
-             RETURN NEW; END $$",
-            "CREATE TRIGGER refuse_poison BEFORE INSERT ON read.messages \
-             FOR EACH ROW EXECUTE FUNCTION public.refuse_poison()",
-        ]
-    } else {
-        &["DROP TRIGGER refuse_poison ON read.messages"]
-    };
-    for s in statements {
-        sqlx::query(*s)
-            .execute(&env.db.pool)
-            .await
-            .expect("trigger");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poison_event_is_dead_lettered_once_parks_only_its_stream_and_retry_applies_it() {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()

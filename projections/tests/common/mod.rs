@@ -5,11 +5,15 @@
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use nura_domain::DomainEvent;
+use nura_domain::api_key::{self, ApiKeyEvent};
 use nura_domain::conversation::{ConversationEvent, stream_id};
 use nura_nats::Topology;
+use nura_projections::api_keys::ApiKeys;
 use nura_projections::conversations::{self, Conversations};
-use nura_projections::{BatchOutcome, PartitionWorker, ProjectorConfig};
-use nura_store::{EventStore, ExpectedVersion, Metadata, NewEvent, Position, RecordedEvent};
+use nura_projections::{ApplyError, BatchOutcome, PartitionWorker, Projection, ProjectorConfig};
+use nura_store::{
+    CommitToken, EventStore, ExpectedVersion, Metadata, NewEvent, Position, RecordedEvent,
+};
 use nura_testkit::{TestDb, nats_client, unique_name};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,6 +56,25 @@ impl Env {
                     self.topology.clone(),
                     config.clone(),
                     Arc::new(Conversations),
+                    p,
+                )
+            })
+            .collect()
+    }
+
+    /// One worker per partition for `conversations` and `api_keys` sharing a consumer, as
+    /// [`nura_projections::run`] runs them.
+    pub fn group_workers(&self, config: &ProjectorConfig) -> Vec<PartitionWorker> {
+        let projections: [Arc<dyn Projection>; 2] = [Arc::new(Conversations), Arc::new(ApiKeys)];
+        (0..self.store.partitions())
+            .map(|p| {
+                PartitionWorker::shared_by(
+                    self.store.clone(),
+                    self.js.clone(),
+                    self.topology.clone(),
+                    config.clone(),
+                    nura_projections::GROUP,
+                    &projections,
                     p,
                 )
             })
@@ -269,14 +292,23 @@ pub async fn partition_heads(store: &EventStore) -> HashMap<i32, Position> {
         .collect()
 }
 
-/// True once every partition's checkpoint reached its head.
+/// True once every partition's `conversations` checkpoint reached its head.
 pub async fn caught_up(store: &EventStore, heads: &HashMap<i32, Position>) -> bool {
+    projector_caught_up(store, conversations::NAME, heads).await
+}
+
+/// True once every partition's checkpoint of `projector` reached its head.
+pub async fn projector_caught_up(
+    store: &EventStore,
+    projector: &str,
+    heads: &HashMap<i32, Position>,
+) -> bool {
     for (p, pos) in heads {
-        let token = nura_store::CommitToken {
+        let token = CommitToken {
             position: *pos,
             partition: *p,
         };
-        if !nura_projections::has_passed(store.pool(), conversations::NAME, token)
+        if !nura_projections::has_passed(store.pool(), projector, token)
             .await
             .expect("has_passed")
         {
@@ -342,10 +374,22 @@ pub fn add(sum: &mut BatchOutcome, o: &BatchOutcome) {
     sum.gated += o.gated;
 }
 
-/// Polls until every partition reached its head, or panics after `limit`.
+/// Polls until every partition's `conversations` checkpoint reached its head, or panics after
+/// `limit`.
 pub async fn wait_caught_up(store: &EventStore, heads: &HashMap<i32, Position>, limit: Duration) {
+    wait_projector_caught_up(store, conversations::NAME, heads, limit).await
+}
+
+/// Polls until every partition's checkpoint of `projector` reached its head, or panics after
+/// `limit`.
+pub async fn wait_projector_caught_up(
+    store: &EventStore,
+    projector: &str,
+    heads: &HashMap<i32, Position>,
+    limit: Duration,
+) {
     tokio::time::timeout(limit, async {
-        while !caught_up(store, heads).await {
+        while !projector_caught_up(store, projector, heads).await {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
@@ -420,4 +464,96 @@ pub async fn total_events(store: &EventStore) -> i64 {
         .fetch_one(store.pool())
         .await
         .expect("count")
+}
+
+/// Makes Postgres refuse, while `on`, to insert a message whose text is `poison`: the
+/// conversations projection then fails on that event like on a poison event.
+pub async fn set_poison_trigger(env: &Env, on: bool) {
+    let statements: &[&'static str] = if on {
+        &[
+            "CREATE FUNCTION public.refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.text = 'poison' THEN RAISE EXCEPTION 'poison message refused'; END IF; \
+             RETURN NEW; END $$",
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON read.messages \
+             FOR EACH ROW EXECUTE FUNCTION public.refuse_poison()",
+        ]
+    } else {
+        &["DROP TRIGGER refuse_poison ON read.messages"]
+    };
+    for s in statements {
+        sqlx::query(*s)
+            .execute(&env.db.pool)
+            .await
+            .expect("trigger");
+    }
+}
+
+/// An API key `key_id` of `tenant` was issued.
+pub fn issued(key_id: Uuid, tenant: &str) -> ApiKeyEvent {
+    ApiKeyEvent::ApiKeyIssued {
+        key_id,
+        tenant_id: tenant.into(),
+        name: "ci".into(),
+        roles: vec!["service".into(), "viewer".into()],
+        secret_hash: "cd".repeat(32),
+        issued_by: "alice".into(),
+        at: at(1),
+    }
+}
+
+/// The key was revoked.
+pub fn revoked() -> ApiKeyEvent {
+    ApiKeyEvent::ApiKeyRevoked {
+        revoked_by: "bob".into(),
+        at: at(2),
+    }
+}
+
+/// Appends `e` to API key `key_id` (one command); returns its commit token.
+pub async fn append_key(
+    store: &EventStore,
+    key_id: Uuid,
+    tenant: &str,
+    e: &ApiKeyEvent,
+) -> CommitToken {
+    let new = NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: e.event_type().into(),
+        schema_version: 1,
+        payload: e.to_payload(),
+    };
+    store
+        .append(
+            &api_key::stream_id(key_id),
+            ExpectedVersion::Any,
+            &[new],
+            &meta(tenant),
+            None,
+        )
+        .await
+        .expect("append")
+        .commit
+}
+
+/// Applies every API-key event of `store` through the projection into `target`, stream by
+/// stream. Not `fold`: `read_all` stops at the oldest transaction open anywhere on the shared
+/// server, and other tests hold some open on purpose.
+pub async fn apply_all(store: &EventStore, target: &sqlx::PgPool) -> Result<(), ApplyError> {
+    let streams: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT stream_id FROM es.events WHERE stream_id LIKE 'apikey-%'",
+    )
+    .fetch_all(store.pool())
+    .await?;
+    let mut tx = target.begin().await?;
+    for s in streams {
+        let events = store
+            .read_stream(&s, 0, 1000)
+            .await
+            .map_err(|e| ApplyError::Inconsistent(e.to_string()))?;
+        for e in events {
+            ApiKeys.apply(&mut tx, &e).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
 }
