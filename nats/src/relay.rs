@@ -119,6 +119,9 @@ pub struct Relay {
     /// Per partition, the position of the last event at or before `cursor`: the `Nura-Prev`
     /// link of the partition's next event. Only valid together with `cursor`.
     last_in_partition: HashMap<i32, Position>,
+    /// Events in Postgres at or before a position the cursor reached, as last counted by
+    /// [`Relay::reconcile`]: the next reconciliation counts only the events after it.
+    counted: Option<(Position, i64)>,
     /// The dedicated connection holding the advisory lock while this relay leads.
     lock: Option<PgConnection>,
     stream_checked: bool,
@@ -152,6 +155,7 @@ impl Relay {
             config,
             cursor: None,
             last_in_partition: HashMap::new(),
+            counted: None,
             lock: None,
             stream_checked: false,
         }
@@ -291,7 +295,7 @@ impl Relay {
             Err(e) => return Err(e.into()),
         };
         let state = stream.info().await?.state.clone();
-        let stored = self.store.count_until(cursor).await?;
+        let stored = self.stored_until(cursor).await?;
         let mut report = ReconcileReport {
             stream_messages: state.messages,
             stored_events: stored,
@@ -349,6 +353,20 @@ impl Relay {
         tracing::info!(stream = %self.topology.stream, republished, "republished events the stream lost");
         report.republished = republished;
         Ok(report)
+    }
+
+    /// Events in Postgres at or before `cursor`. Everything at or before a cursor is committed
+    /// and final (the cursor only passes transactions older than every open one), so an earlier
+    /// count stays true and only the events after it are counted: a short range of the
+    /// commit-order index instead of the whole log at every reconciliation. The whole log is
+    /// counted once per leadership term.
+    async fn stored_until(&mut self, cursor: Position) -> anyhow::Result<i64> {
+        let stored = match self.counted {
+            Some((at, n)) if at <= cursor => n + self.store.count_between(at, cursor).await?,
+            _ => self.store.count_until(cursor).await?,
+        };
+        self.counted = Some((cursor, stored));
+        Ok(stored)
     }
 
     /// Leads until shutdown (`Ok`) or until the lock is lost (`Err`).
@@ -475,6 +493,7 @@ impl Relay {
             tracing::info!(relay = %self.config.name, "relay leadership released");
         }
         self.cursor = None;
+        self.counted = None;
         self.last_in_partition.clear();
     }
 

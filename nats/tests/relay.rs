@@ -682,6 +682,47 @@ async fn reconcile_republishes_exactly_the_messages_deleted_from_the_middle_of_t
     .expect("test timed out");
 }
 
+/// Reconciliation compares the stream with the number of events up to the cursor. Everything up
+/// to a cursor is final, so after its first count in a leadership term it counts only what the
+/// cursor passed since: a row forged below the counted cursor (it cannot happen for real) is
+/// seen by a new term's full count and not by the incremental one.
+#[tokio::test]
+async fn reconcile_counts_the_log_once_per_leadership_term_then_only_what_the_cursor_passed() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let env = env().await;
+        let mut relay = env.relay(100);
+        let first = append_spread(&env.store, 4, 5).await;
+        drain(&mut relay, first.len()).await;
+        let report = relay.reconcile().await.expect("reconcile");
+        assert_eq!((report.stored_events, report.stream_messages), (20, 20));
+
+        sqlx::query(
+            "INSERT INTO es.events (global_position, transaction_id, event_id, stream_id, \
+               stream_version, partition, event_type, payload, metadata) OVERRIDING SYSTEM VALUE \
+             VALUES (-1, '1', $1, 'forged-1', 1, 0, 'Forged', '{}', '{}')",
+        )
+        .bind(Uuid::now_v7())
+        .execute(&env.db.pool)
+        .await
+        .expect("forge");
+        let more = append_spread(&env.store, 3, 4).await;
+        drain(&mut relay, more.len()).await;
+        let report = relay.reconcile().await.expect("reconcile");
+        assert_eq!(
+            (report.stored_events, report.stream_messages, report.missing),
+            (32, 32, 0),
+            "counted from the last count on"
+        );
+
+        let mut next_term = env.relay(100);
+        let report = next_term.reconcile().await.expect("reconcile");
+        assert_eq!(report.stored_events, 33, "a new term counts the whole log");
+        env.cleanup().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test]
 async fn reconcile_refills_a_purged_stream() {
     tokio::time::timeout(TEST_TIMEOUT, async {

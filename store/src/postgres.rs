@@ -387,9 +387,19 @@ impl EventStore {
 
     /// Number of events in the log at or before `up_to` in commit order.
     pub async fn count_until(&self, up_to: Position) -> Result<i64, StoreError> {
+        self.count_between(Position::ZERO, up_to).await
+    }
+
+    /// Number of events in the log after `after` and at or before `up_to`, in commit order: a
+    /// range scan of the commit-order index, as cheap as the range is short.
+    pub async fn count_between(&self, after: Position, up_to: Position) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM es.events WHERE (transaction_id, global_position) <= ($1::bigint::text::xid8, $2)",
+            "SELECT count(*) FROM es.events \
+             WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
+               AND (transaction_id, global_position) <= ($3::bigint::text::xid8, $4)",
         )
+        .bind(after.tx)
+        .bind(after.pos)
         .bind(up_to.tx)
         .bind(up_to.pos)
         .fetch_one(&self.pool)

@@ -500,6 +500,38 @@ async fn the_log_reader_never_skips_a_late_commit() {
     }
 }
 
+#[tokio::test]
+async fn counts_between_two_positions_take_exactly_the_events_after_the_first_up_to_the_second() {
+    let (_db, store) = store().await;
+    for i in 0..9 {
+        store
+            .append(
+                &format!("counted-{}", i % 3),
+                ExpectedVersion::Any,
+                &[event(i), event(i + 100)],
+                &meta("c"),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let log = read_everything(&store).await;
+    assert_eq!(log.len(), 18);
+    assert_eq!(store.count_until(log[17]).await.unwrap(), 18);
+    assert_eq!(
+        store.count_between(Position::ZERO, log[4]).await.unwrap(),
+        5
+    );
+    assert_eq!(store.count_between(log[4], log[4]).await.unwrap(), 0);
+    assert_eq!(store.count_between(log[4], log[11]).await.unwrap(), 7);
+    assert_eq!(
+        store.count_between(log[4], log[11]).await.unwrap()
+            + store.count_between(log[11], log[17]).await.unwrap(),
+        store.count_between(log[4], log[17]).await.unwrap(),
+        "consecutive ranges add up"
+    );
+}
+
 async fn read_everything(store: &EventStore) -> Vec<Position> {
     let mut cursor = Position::ZERO;
     let mut out = Vec::new();
