@@ -136,7 +136,7 @@ async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
     supervise(
         &tasks,
         &shutdown,
-        "projector conversations",
+        "projectors",
         projector(
             store.clone(),
             js,
