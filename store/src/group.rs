@@ -12,16 +12,19 @@
 //! another process on a unique key, a deadlock), every command of the batch is retried on its
 //! own.
 //!
-//! Each lane runs its batches on a connection of its own that always uses the generic plan of the
-//! batch statement: its custom plans (one per batch, the default) cost as much to plan as to run.
-//! When that connection cannot be opened (the server is at `max_connections`, or down), batches
-//! use the store's pool, and the lane tries again a second later.
+//! Each lane runs its statements, single appends and batches, on a connection of its own that
+//! always uses generic plans (custom plans of the batch statement, one per batch, cost as much to
+//! plan as to run). Holding one warm connection per lane matters even at concurrency 1: the pool
+//! hands out whichever connection idled longest, so after a burst every append would run on a
+//! different backend with cold caches, behind a health-check round trip. When that connection
+//! cannot be opened (the server is at `max_connections`, or down), statements use the store's
+//! pool, and the lane tries again a second later.
 
 use crate::event::{
     Appended, CommandRecord, CommitToken, ExpectedVersion, Metadata, NewEvent, Position,
     partition_of,
 };
-use crate::postgres::{StoreError, append_one};
+use crate::postgres::{StoreError, append_on, append_one};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
 use sqlx::{ConnectOptions, Executor, Postgres};
@@ -61,6 +64,9 @@ struct Lane {
     conn: Mutex<(Option<PgConnection>, Option<Instant>)>,
 }
 
+/// The `application_name` of the lanes' own connections, as `pg_stat_activity` shows them.
+pub const LANE_APPLICATION_NAME: &str = "nura-group-commit";
+
 /// How long a lane whose own connection failed to open uses the pool before trying again.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
@@ -91,7 +97,8 @@ impl GroupCommit {
     ) -> GroupCommit {
         let batch_options = (*pool.connect_options())
             .clone()
-            .options([("plan_cache_mode", "force_generic_plan")]);
+            .options([("plan_cache_mode", "force_generic_plan")])
+            .application_name(LANE_APPLICATION_NAME);
         let lanes = (0..lanes.max(1))
             .map(|_| {
                 Arc::new(Lane {
@@ -145,16 +152,13 @@ impl GroupCommit {
                 // Released even if the caller gives up mid-statement.
                 let _running = Running(lane.clone());
                 metrics::histogram!("nura_store_group_commit_size").record(1.0);
-                append_one(
-                    &lane.pool,
-                    lane.partitions,
-                    stream_id,
-                    expected,
-                    events,
-                    metadata,
-                    command,
-                )
-                .await
+                // Dropped, not put back, if the caller gives up mid-statement.
+                let mut conn = lane.own_connection().await;
+                let appended = lane
+                    .single(&mut conn, stream_id, expected, events, metadata, command)
+                    .await;
+                lane.put_back(conn);
+                appended
             }
         }
     }
@@ -189,8 +193,7 @@ impl Drop for Running {
 
 /// Runs batches until the lane's queue is empty, then marks the lane idle.
 async fn drain(lane: Arc<Lane>) {
-    // Taken when the first batch of two or more forms; put back when the queue is empty.
-    let mut conn: Option<Option<PgConnection>> = None;
+    let mut conn = lane.own_connection().await;
     loop {
         let mut batch = {
             let mut s = lane.state.lock().expect("lane state");
@@ -202,19 +205,25 @@ async fn drain(lane: Arc<Lane>) {
         };
         metrics::histogram!("nura_store_group_commit_size").record(batch.len() as f64);
         if batch.len() == 1 {
-            // The single-command statement settles on its generic plan by itself.
             let (req, reply) = batch.pop().expect("one request");
-            let _ = reply.send(one(&lane.pool, lane.partitions, &req).await);
+            let appended = lane
+                .single(
+                    &mut conn,
+                    &req.stream_id,
+                    req.expected,
+                    &req.events,
+                    &req.metadata,
+                    req.command.as_ref(),
+                )
+                .await;
+            let _ = reply.send(appended);
             continue;
         }
-        if conn.is_none() {
-            conn = Some(lane.own_connection().await);
-        }
-        match conn.as_mut().and_then(Option::as_mut) {
+        match conn.as_mut() {
             Some(c) => {
                 if !run_batch(&mut *c, &lane.pool, lane.partitions, batch).await {
-                    // The connection may be broken: the next batch opens a new one.
-                    conn = Some(None);
+                    // The connection may be broken: the next drain opens a new one.
+                    conn = None;
                 }
             }
             None => {
@@ -222,12 +231,62 @@ async fn drain(lane: Arc<Lane>) {
             }
         }
     }
-    if let Some(Some(c)) = conn {
-        lane.conn.lock().expect("lane connection").0 = Some(c);
-    }
+    lane.put_back(conn);
 }
 
 impl Lane {
+    /// One command's append, on the lane's own connection when it has one: a connection that
+    /// stays warm, where the pool would hand out whichever of its connections idled longest (after
+    /// a burst, each append would run on a different backend, with cold caches) and check it with a
+    /// round trip first. If that connection turns out to be broken (it idled through a server
+    /// restart, say), the append is made once more through the pool, which opens a healthy one; a
+    /// first attempt that did commit before the connection broke is then recognised by its event
+    /// ids (and its command id), never written twice.
+    async fn single(
+        &self,
+        conn: &mut Option<PgConnection>,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+        metadata: &Metadata,
+        command: Option<&CommandRecord>,
+    ) -> Result<Appended, StoreError> {
+        if let Some(c) = conn.as_mut() {
+            let appended = append_on(
+                c,
+                self.partitions,
+                stream_id,
+                expected,
+                events,
+                metadata,
+                command,
+            )
+            .await;
+            if !matches!(&appended, Err(StoreError::Database(e)) if connection_lost(e)) {
+                return appended;
+            }
+            *conn = None;
+            metrics::counter!("nura_store_group_commit_reconnects_total").increment(1);
+        }
+        append_one(
+            &self.pool,
+            self.partitions,
+            stream_id,
+            expected,
+            events,
+            metadata,
+            command,
+        )
+        .await
+    }
+
+    /// Returns the lane's own connection for the next statement.
+    fn put_back(&self, conn: Option<PgConnection>) {
+        if let Some(c) = conn {
+            self.conn.lock().expect("lane connection").0 = Some(c);
+        }
+    }
+
     /// The lane's own connection, opened if missing (unless an attempt failed less than
     /// [`RECONNECT_AFTER`] ago). None: use the pool.
     async fn own_connection(&self) -> Option<PgConnection> {
@@ -249,6 +308,19 @@ impl Lane {
                 None
             }
         }
+    }
+}
+
+/// The connection itself failed (its socket, the protocol, or the server ending the session: class
+/// 57P "operator intervention", class 08 "connection exception"); any other error is the
+/// statement's own and is answered as it is.
+fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+        _ => false,
     }
 }
 

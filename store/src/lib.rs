@@ -20,6 +20,7 @@ pub use event::{
     Appended, CommandRecord, CommitToken, ExpectedVersion, Metadata, NewEvent, Position, RawEvent,
     RecordedEvent, partition_of,
 };
+pub use group::LANE_APPLICATION_NAME;
 pub use postgres::{EventStore, NOTIFY_CHANNEL, RawPage, StoreError};
 
 /// The migrations for the `es` and `read` schemas, embedded in the binary.

@@ -6,7 +6,7 @@ use crate::event::{
 };
 use crate::group::GroupCommit;
 use sqlx::Row;
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use uuid::Uuid;
 
 /// The channel the store notifies after appends: a wake-up hint for log readers, never a
@@ -240,7 +240,7 @@ impl EventStore {
         &self,
         command_id: &str,
     ) -> Result<Option<(Vec<u8>, Option<Appended>)>, StoreError> {
-        recorded_command(&self.pool, command_id).await
+        recorded_command(&mut *self.pool.acquire().await?, command_id).await
     }
 
     /// The current version of a stream (0 when it has no events).
@@ -418,14 +418,31 @@ pub(crate) async fn append_one(
     metadata: &Metadata,
     command: Option<&CommandRecord>,
 ) -> Result<Appended, StoreError> {
+    let mut conn = pool.acquire().await?;
+    append_on(
+        &mut conn, partitions, stream_id, expected, events, metadata, command,
+    )
+    .await
+}
+
+/// [`append_one`] on a connection the caller holds.
+pub(crate) async fn append_on(
+    conn: &mut PgConnection,
+    partitions: i32,
+    stream_id: &str,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+    metadata: &Metadata,
+    command: Option<&CommandRecord>,
+) -> Result<Appended, StoreError> {
     let result = insert_events(
-        pool, stream_id, partitions, expected, events, metadata, command,
+        conn, stream_id, partitions, expected, events, metadata, command,
     )
     .await;
     match (result, command) {
         // A refused insert may be a repeat of an earlier command: that answer wins.
         (Err(e @ (StoreError::Conflict { .. } | StoreError::CommandExists)), Some(cmd)) => {
-            match first_result(pool, cmd).await? {
+            match first_result(conn, cmd).await? {
                 Some(first) => {
                     metrics::counter!("nura_store_idempotent_replays_total").increment(1);
                     Ok(first)
@@ -433,7 +450,7 @@ pub(crate) async fn append_one(
                 // The earlier attempt rolled back in the meantime: try once more.
                 None if matches!(e, StoreError::CommandExists) => {
                     insert_events(
-                        pool, stream_id, partitions, expected, events, metadata, command,
+                        conn, stream_id, partitions, expected, events, metadata, command,
                     )
                     .await
                 }
@@ -446,8 +463,11 @@ pub(crate) async fn append_one(
 
 /// The stored first result of a command, if it exists with the same request hash; a different
 /// hash is [`StoreError::IdempotencyMismatch`].
-async fn first_result(pool: &PgPool, cmd: &CommandRecord) -> Result<Option<Appended>, StoreError> {
-    match recorded_command(pool, &cmd.command_id).await? {
+async fn first_result(
+    conn: &mut PgConnection,
+    cmd: &CommandRecord,
+) -> Result<Option<Appended>, StoreError> {
+    match recorded_command(conn, &cmd.command_id).await? {
         None => Ok(None),
         Some((hash, _)) if hash != cmd.request_hash => {
             Err(StoreError::IdempotencyMismatch(cmd.command_id.clone()))
@@ -476,12 +496,12 @@ WHERE k.command_id = $1";
 
 /// The request hash and first result (marked `replayed`) recorded for a command id.
 async fn recorded_command(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     command_id: &str,
 ) -> Result<Option<(Vec<u8>, Option<Appended>)>, StoreError> {
     let Some(row) = sqlx::query(RECORDED_SQL)
         .bind(command_id)
-        .fetch_optional(pool)
+        .fetch_optional(conn)
         .await?
     else {
         return Ok(None);
@@ -559,7 +579,7 @@ WITH cur AS (
 SELECT stream_version, global_position, transaction_id::text::bigint FROM ins";
 
 async fn insert_events(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     stream_id: &str,
     partitions: i32,
     expected: ExpectedVersion,
@@ -588,7 +608,7 @@ async fn insert_events(
         .bind(expected_version)
         .bind(command.map(|c| c.command_id.as_str()))
         .bind(command.map(|c| c.request_hash.as_slice()))
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await
         .map_err(|e| classify(e, stream_id, expected))?;
     // Rows come back in insertion order; pick the last version explicitly all the same.

@@ -846,6 +846,124 @@ async fn appended_changes_after_each_committed_append_in_this_process() {
     }
 }
 
+/// How many of the database's sessions (other than this one) last ran the append statement, by
+/// whether they are a group-commit lane's own connection.
+async fn sessions_that_appended(db: &TestDb) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE application_name = $1),
+                count(*) FILTER (WHERE application_name <> $1)
+         FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()
+           AND query LIKE 'WITH cur AS%'",
+    )
+    .bind(nura_store::LANE_APPLICATION_NAME)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// With group commit, one-at-a-time appends run on their lane's own connection, never on
+/// whichever pool connection idled longest: after a burst has grown the pool, those would all be
+/// different backends, each with cold caches, behind a health-check round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_group_commit_appends_one_at_a_time_stay_on_the_lanes_own_connection() {
+    let db = TestDb::new().await;
+    let pool = db.pool_with(24).await;
+    let store = EventStore::connect_with_group_commit(pool.clone(), 1, 64)
+        .await
+        .unwrap();
+    // A burst that holds 16 pool connections at once.
+    futures::future::join_all((0..16).map(|_| sqlx::query("SELECT pg_sleep(0.2)").execute(&pool)))
+        .await
+        .into_iter()
+        .for_each(|r| {
+            r.unwrap();
+        });
+    assert!(pool.size() >= 16, "the burst grew the pool");
+    for i in 0..40u64 {
+        let id = format!("one-{i}");
+        store
+            .append(
+                &format!("one-{i}-{}", Uuid::now_v7()),
+                ExpectedVersion::Exact(0),
+                &[event(i)],
+                &meta(&id),
+                Some(&cmd(&id, "body")),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        sessions_that_appended(&db).await,
+        (1, 0),
+        "(lane connections, pool connections) that ran the append statement"
+    );
+}
+
+/// A lane's own connection that the server ended while it idled costs no append: the append goes
+/// through the pool once, written once, and the lane opens a new connection afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_group_commit_a_lane_connection_ended_by_the_server_costs_no_append() {
+    let db = TestDb::new().await;
+    let store = EventStore::connect_with_group_commit(db.pool_with(8).await, 1, 64)
+        .await
+        .unwrap();
+    let append = |i: u64, stream: String| {
+        let store = store.clone();
+        async move {
+            let id = format!("cut-{i}");
+            store
+                .append(
+                    &stream,
+                    ExpectedVersion::Any,
+                    &[event(i)],
+                    &meta(&id),
+                    Some(&cmd(&id, "body")),
+                )
+                .await
+        }
+    };
+    let stream = format!("cut-{}", Uuid::now_v7());
+    append(0, stream.clone()).await.unwrap();
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = $1",
+    )
+    .bind(nura_store::LANE_APPLICATION_NAME)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(ended, vec![true], "the lane's one connection was ended");
+    // Wait until the server has closed it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sessions_that_appended(&db).await != (0, 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = append(1, stream.clone())
+        .await
+        .expect("append after the cut");
+    assert_eq!((second.first_version, second.replayed), (2, false));
+    let third = append(2, stream.clone()).await.unwrap();
+    assert_eq!(third.last_version, 3);
+    let versions: Vec<i64> = store
+        .read_stream(&stream, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.stream_version)
+        .collect();
+    assert_eq!(versions, vec![1, 2, 3], "each append written once");
+    assert_eq!(
+        sessions_that_appended(&db).await.0,
+        1,
+        "the lane opened a connection of its own again"
+    );
+}
+
 /// The group-commit statement looks each command id up through `es.commands`' key. Postgres may
 /// otherwise plan the lookup as a hash of the whole table (it did, while the table had no
 /// statistics), which costs every batch a scan of every command ever recorded.
