@@ -21,7 +21,7 @@ pub use event::{
     RecordedEvent, partition_of,
 };
 pub use group::LANE_APPLICATION_NAME;
-pub use postgres::{EventStore, NOTIFY_CHANNEL, RawPage, StoreError};
+pub use postgres::{EventStore, NOTIFIER_APPLICATION_NAME, NOTIFY_CHANNEL, RawPage, StoreError};
 
 /// The migrations for the `es` and `read` schemas, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

@@ -19,9 +19,14 @@ pub const NOTIFY_CHANNEL: &str = "nura_events";
 /// notification-queue lock (measured with pgbench, 32 clients: 9,849 single-row inserts/s without
 /// it, 3,180 with it); one NOTIFY per append from here would cost every append a second round
 /// trip and a second backend wake-up.
+///
+/// The task notifies over a connection of its own (not a pooled one, which the pool would first
+/// ping), and each notification's payload is the store's [`EventStore::notification_origin`], so
+/// a log reader of this process, already woken through [`EventStore::appended`], can ignore it.
 #[derive(Clone, Debug)]
 struct Notifier {
     poke: tokio::sync::mpsc::Sender<()>,
+    origin: std::sync::Arc<str>,
     /// Counts appends of this process, for log readers in the same process (the relay of
     /// `nura serve`): they wake on it without the `NOTIFY` round trip through Postgres.
     local: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
@@ -35,14 +40,19 @@ impl Notifier {
     /// Starts the notifying task; it ends when the last store handle is dropped.
     fn start(pool: PgPool) -> Notifier {
         let (poke, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let origin: std::sync::Arc<str> = Uuid::new_v4().simple().to_string().into();
+        let options = (*pool.connect_options())
+            .clone()
+            .application_name(NOTIFIER_APPLICATION_NAME);
+        drop(pool);
+        let payload = origin.clone();
         tokio::spawn(async move {
+            let mut conn: Option<PgConnection> = None;
             while rx.recv().await.is_some() {
-                if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
-                    .bind(NOTIFY_CHANNEL)
-                    .execute(&pool)
-                    .await
-                {
-                    // Readers poll as well: a lost hint only costs latency.
+                if let Err(e) = notify(&mut conn, &options, &payload).await {
+                    // Readers poll as well: a lost hint only costs latency. The next one opens
+                    // a new connection.
+                    conn = None;
                     tracing::debug!(error = %e, "append notification not sent");
                 }
                 // Appends committed from now on poke the channel and get the next notification.
@@ -51,6 +61,7 @@ impl Notifier {
         });
         Notifier {
             poke,
+            origin,
             local: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
@@ -61,6 +72,34 @@ impl Notifier {
         self.local.send_modify(|n| *n = n.wrapping_add(1));
         let _ = self.poke.try_send(());
     }
+}
+
+/// The `application_name` of the connection a store sends its notifications on.
+pub const NOTIFIER_APPLICATION_NAME: &str = "nura-notify";
+
+/// Sends one notification on `conn`, connecting first if there is none.
+async fn notify(
+    conn: &mut Option<PgConnection>,
+    options: &sqlx::postgres::PgConnectOptions,
+    payload: &str,
+) -> Result<(), sqlx::Error> {
+    use sqlx::ConnectOptions;
+    if conn.is_none() {
+        let connect = tokio::time::timeout(std::time::Duration::from_secs(5), options.connect());
+        *conn = Some(connect.await.map_err(|_| {
+            sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connecting to notify timed out",
+            ))
+        })??);
+    }
+    let c = conn.as_mut().expect("connected above");
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(NOTIFY_CHANNEL)
+        .bind(payload)
+        .execute(c)
+        .await?;
+    Ok(())
 }
 
 /// Why an append or a read failed.
@@ -131,6 +170,13 @@ impl EventStore {
     /// [`NOTIFY_CHANNEL`] that reaches other processes. Like it, only a hint.
     pub fn appended(&self) -> tokio::sync::watch::Receiver<u64> {
         self.notifier.local.subscribe()
+    }
+
+    /// The payload of this store's notifications on [`NOTIFY_CHANNEL`], unique to this store and
+    /// its clones: a reader that also follows [`EventStore::appended`] skips notifications
+    /// carrying it, since it was woken for those appends already.
+    pub fn notification_origin(&self) -> &str {
+        &self.notifier.origin
     }
 
     /// Opens the store over a migrated database, reading its fixed partition count.

@@ -846,6 +846,50 @@ async fn appended_changes_after_each_committed_append_in_this_process() {
     }
 }
 
+/// Appends reach other processes' log readers as a notification on `NOTIFY_CHANNEL` that
+/// names the store they came from (the same for its clones, different for another store), sent
+/// from a connection of the notifier's own, not one of the pool's.
+#[tokio::test]
+async fn an_append_notifies_other_processes_with_the_origin_of_its_store() {
+    for (db, store) in [store().await, grouped_store().await] {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+            .await
+            .unwrap();
+        listener.listen(nura_store::NOTIFY_CHANNEL).await.unwrap();
+        let other = EventStore::connect(db.pool.clone()).await.unwrap();
+        assert_eq!(
+            store.clone().notification_origin(),
+            store.notification_origin()
+        );
+        assert_ne!(other.notification_origin(), store.notification_origin());
+        for (who, s) in [("store", &store), ("other", &other)] {
+            s.append(
+                &format!("counter-n-{who}"),
+                ExpectedVersion::Exact(0),
+                &[event(1)],
+                &meta(&format!("n-{who}")),
+                None,
+            )
+            .await
+            .unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+                .await
+                .expect("notified after the append")
+                .unwrap();
+            assert_eq!(n.payload(), s.notification_origin(), "{who}");
+        }
+        let notifiers: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = $1",
+        )
+        .bind(nura_store::NOTIFIER_APPLICATION_NAME)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(notifiers, 2, "one notifying connection per store");
+    }
+}
+
 /// How many of the database's sessions (other than this one) last ran the append statement, by
 /// whether they are a group-commit lane's own connection.
 async fn sessions_that_appended(db: &TestDb) -> (i64, i64) {
