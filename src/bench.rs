@@ -186,8 +186,7 @@ pub(crate) fn progress(what: &str) {
 
 async fn run_all(args: &BenchArgs, sizes: &Sizes, scratch: &Scratch) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
-    let pool = PgPoolOptions::new()
-        .max_connections(66)
+    let pool = crate::pool_options(66)
         .connect_with(crate::pg_options(&scratch.url)?)
         .await?;
     let store = EventStore::connect_with_group_commit(
@@ -202,15 +201,12 @@ async fn run_all(args: &BenchArgs, sizes: &Sizes, scratch: &Scratch) -> anyhow::
         .context("connect to NATS")?;
     let js = async_nats::jetstream::new(nats.clone());
 
-    // 1. Raw floors, on a pool of their own that hands out its connections without sqlx's
-    // health-check round trip before each statement: the plainest way to commit a row, as the
-    // store's group-commit lanes hold their connections.
+    // 1. Raw floors, on a pool of their own, configured as Nura's (no health-check round trip
+    // before each statement): the plainest way to commit a row.
     sqlx::query("CREATE TABLE bench_raw (LIKE es.events INCLUDING ALL)")
         .execute(&pool)
         .await?;
-    let raw_pool = PgPoolOptions::new()
-        .max_connections(64)
-        .test_before_acquire(false)
+    let raw_pool = crate::pool_options(64)
         .connect_with(crate::pg_options(&scratch.url)?)
         .await?;
     let mut raw = std::collections::BTreeMap::new();
@@ -287,6 +283,15 @@ async fn run_all(args: &BenchArgs, sizes: &Sizes, scratch: &Scratch) -> anyhow::
         "floor: JetStream pull-consume + ack",
         js_consume,
         js_consume,
+        Goal::None,
+        "msgs/s",
+    ));
+    progress("raw JetStream pull-consume, 8 partition-filtered consumers");
+    let js_partitioned = raw_js_consume_partitioned(&js, sizes.backlog).await?;
+    rows.push(row(
+        "floor: JetStream pull-consume, 8 filtered consumers",
+        js_partitioned,
+        js_partitioned,
         Goal::None,
         "msgs/s",
     ));
@@ -489,8 +494,7 @@ async fn backlog_rows(
     js_consume: f64,
 ) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
-    let pool = PgPoolOptions::new()
-        .max_connections(34)
+    let pool = crate::pool_options(34)
         .connect_with(crate::pg_options(&db.url)?)
         .await?;
     let store = EventStore::connect(pool.clone()).await?;
@@ -738,6 +742,87 @@ async fn raw_js_consume(
     }
     let rate = got as f64 / t.elapsed().as_secs_f64();
     js.delete_stream(name).await.ok();
+    Ok(rate)
+}
+
+/// The projectors' delivery pattern without Postgres: `n` messages spread over 8 partitions'
+/// subjects (shaped as the relay's), drained by 8 concurrent consumers, each filtered on its
+/// partition with the projectors' wildcard filter, fetching 256 at
+/// a time and acking each batch cumulatively. Not a target's floor (those compare with the plain
+/// consumer above): it shows what the server's filtered delivery alone allows.
+async fn raw_js_consume_partitioned(
+    js: &async_nats::jetstream::Context,
+    n: usize,
+) -> anyhow::Result<f64> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    const PARTITIONS: usize = 8;
+    let name = unique("BENCH_RAWP");
+    let prefix = name.to_lowercase();
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            ..Default::default()
+        })
+        .await?;
+    let body = bytes::Bytes::from(vec![b'x'; 600]);
+    let mut window = std::collections::VecDeque::new();
+    for i in 0..n {
+        window.push_back(
+            js.publish(
+                format!("{prefix}.conversations.conversation.{}.MessagePosted", i % PARTITIONS),
+                body.clone(),
+            )
+                .await?,
+        );
+        if window.len() >= 512 {
+            window.pop_front().expect("non-empty").await?;
+        }
+    }
+    for f in window {
+        f.await?;
+    }
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..PARTITIONS {
+        let consumer: consumer::PullConsumer = stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(format!("raw_p{p}")),
+                filter_subject: format!("{prefix}.*.*.{p}.*"),
+                ack_policy: consumer::AckPolicy::All,
+                ..Default::default()
+            })
+            .await?;
+        let expected = n / PARTITIONS + usize::from(p < n % PARTITIONS);
+        tasks.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut got = 0usize;
+            while got < expected && Instant::now() < deadline {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(256)
+                    .expires(Duration::from_secs(1))
+                    .messages()
+                    .await?;
+                let mut last = None;
+                while let Some(m) = batch.next().await {
+                    last = Some(m.map_err(|e| anyhow::anyhow!("{e}"))?);
+                    got += 1;
+                }
+                if let Some(m) = last {
+                    m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+            }
+            Ok::<_, anyhow::Error>(got)
+        }));
+    }
+    let mut got = 0;
+    for task in tasks {
+        got += task.await??;
+    }
+    let rate = got as f64 / t.elapsed().as_secs_f64();
+    js.delete_stream(&name).await.ok();
     Ok(rate)
 }
 

@@ -215,12 +215,25 @@ async fn projector(
 }
 
 async fn connect_db(db: &DbArgs) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new()
-        .max_connections(db.database_max_connections)
+    pool_options(db.database_max_connections)
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(pg_options(&db.database_url)?)
         .await
         .context("connect to Postgres (DATABASE_URL)")
+}
+
+/// The pool every Nura process (and the benchmark standing in for one) queries through.
+///
+/// An acquired connection is handed out without sqlx's default health check, a round trip
+/// (`Sync` → `ReadyForQuery`) before every statement that doubled the round trips of each
+/// single-statement use of the pool; sqlx still pings every connection when it is released, so
+/// a broken one is closed then. What that costs: after Postgres restarts, each idle pooled
+/// connection fails the first statement given to it (one error per connection, which a client
+/// retries with the same `command_id`) instead of being replaced before use.
+pub(crate) fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .test_before_acquire(false)
 }
 
 /// Session settings of every Postgres connection Nura opens (the pool, and the group-commit,

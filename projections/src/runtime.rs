@@ -409,6 +409,12 @@ impl PartitionWorker {
     /// partial one (the partition is caught up) it does not: a request pending during the apply
     /// would be answered by the first message to arrive, while a request made after it takes
     /// every message that arrived meanwhile, so steady traffic comes in fewer, larger batches.
+    /// Never more than one request ahead: each fetch has an inbox of its own, and a server that
+    /// spreads a backlog's messages over the waiting requests in turn would leave each of two
+    /// outstanding requests with every other message, batches that do not continue the chain.
+    /// Tried with three requests ahead (nats-server 2.9): the projectors drained the benchmark's
+    /// backlog at half the rate (17k against 33k events/s), their batches' p90 apply time 390 ms
+    /// against 41 ms.
     async fn receive(&mut self) -> Result<Vec<jetstream::Message>, WorkerError> {
         let consumer = self.consumer().await?;
         let (mut batch, requested) = match self.prefetched.take() {
