@@ -52,9 +52,9 @@ const GAUGE_REFRESH: Duration = Duration::from_secs(5);
 const PUMP_TIME: Duration = Duration::from_secs(1);
 /// Batches the reader may have ready before the publisher takes them (one more is being read).
 const READ_AHEAD: usize = 2;
-/// Shortest time between two cursor writes of a leader, while a backlog drains and while the log
-/// trickles in: a relay that dies republishes at most this much (JetStream's de-duplication and
-/// consumers absorb it), and publishing does not wait for a Postgres commit after every batch.
+/// Shortest time between two cursor writes while a backlog drains: a relay that dies republishes
+/// at most this much (JetStream's de-duplication and consumers absorb it), and publishing does
+/// not wait for a Postgres commit after every batch.
 const CURSOR_SAVE_INTERVAL: Duration = Duration::from_millis(200);
 /// Back-off bounds after a failed batch.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -125,11 +125,6 @@ pub struct Relay {
     /// The dedicated connection holding the advisory lock while this relay leads.
     lock: Option<PgConnection>,
     stream_checked: bool,
-    /// `cursor` is ahead of the row in `es.cursors`: the leader acked more since its last write,
-    /// which it makes once [`CURSOR_SAVE_INTERVAL`] has passed since `last_save`, before it goes
-    /// idle for longer, and when it stops.
-    unsaved: bool,
-    last_save: Instant,
 }
 
 /// What one publishing step did.
@@ -163,8 +158,6 @@ impl Relay {
             counted: None,
             lock: None,
             stream_checked: false,
-            unsaved: false,
-            last_save: Instant::now(),
         }
     }
 
@@ -206,11 +199,6 @@ impl Relay {
                 }
             }
             let outcome = self.lead(&shutdown).await;
-            if outcome.is_ok()
-                && let Err(e) = self.flush_cursor().await
-            {
-                tracing::warn!(relay = %self.config.name, error = %format!("{e:#}"), "could not store the relay cursor at shutdown; the next leader republishes what followed it (de-duplicated)");
-            }
             self.release_leadership().await;
             match outcome {
                 Ok(()) => return Ok(()),
@@ -269,7 +257,7 @@ impl Relay {
     /// there was nothing to publish, or when the stream was gone and has just been recreated
     /// with the cursor rewound to zero — the next call republishes from the start).
     pub async fn publish_batch(&mut self) -> anyhow::Result<usize> {
-        Ok(match self.step(1, None, false).await? {
+        Ok(match self.step(1, None).await? {
             Step::Published { events, .. } => events,
             Step::Idle | Step::Rewound => 0,
         })
@@ -281,7 +269,7 @@ impl Relay {
     /// acked batches. Returns when a read finds no full batch (so it never returns while
     /// appends keep every read full: for tests and tools, not for a live log).
     pub async fn publish_backlog(&mut self) -> anyhow::Result<usize> {
-        Ok(match self.step(usize::MAX, None, false).await? {
+        Ok(match self.step(usize::MAX, None).await? {
             Step::Published { events, .. } => events,
             Step::Idle | Step::Rewound => 0,
         })
@@ -389,7 +377,6 @@ impl Relay {
         let _stop_listener = listener_stop.clone().drop_guard();
         tokio::spawn(listen_for_appends(
             self.store.pool().clone(),
-            self.store.notification_origin().into(),
             wake.clone(),
             listener_stop.clone(),
             self.config.poll_interval,
@@ -434,7 +421,7 @@ impl Relay {
             // a large backlog drains.
             let step = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                s = self.step(usize::MAX, Some(started + PUMP_TIME), true) => s,
+                s = self.step(usize::MAX, Some(started + PUMP_TIME)) => s,
             };
             match step {
                 Ok(s) => {
@@ -453,17 +440,9 @@ impl Relay {
                         Step::Rewound => continue,
                         Step::Idle => {}
                     }
-                    // An unsaved cursor shortens the wait: the next step writes it when due.
-                    let wait = if self.unsaved {
-                        (self.last_save + CURSOR_SAVE_INTERVAL)
-                            .saturating_duration_since(Instant::now())
-                            .min(self.config.poll_interval)
-                    } else {
-                        self.config.poll_interval
-                    };
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(wait) => {}
+                        _ = tokio::time::sleep(self.config.poll_interval) => {}
                         _ = wake.notified() => {}
                     }
                 }
@@ -514,7 +493,6 @@ impl Relay {
             tracing::info!(relay = %self.config.name, "relay leadership released");
         }
         self.cursor = None;
-        self.unsaved = false;
         self.counted = None;
         self.last_in_partition.clear();
     }
@@ -525,17 +503,14 @@ impl Relay {
     /// The next batch is read and encoded in a task of its own while the current one is
     /// published, and one window of at most `max_in_flight` PubAcks spans batches. Acks are
     /// awaited in publish order, so once a batch's last ack arrived every event up to it is in
-    /// the stream and its last position may become the cursor. Cursor writes are coalesced: at
-    /// most one per [`CURSOR_SAVE_INTERVAL`] while the step runs, and one at its end unless
-    /// `lazy` (the leader's steps), where the end only moves the cursor in memory and a later
-    /// step writes it once the interval has passed. On a failure the newest fully acked batch is
-    /// stored before the error is returned, so the retry resumes right after it and never past
-    /// an unacked event.
+    /// the stream and its last position may become the cursor. Cursor writes are coalesced (at
+    /// most one per [`CURSOR_SAVE_INTERVAL`], and one at the end); on a failure the newest fully
+    /// acked batch is stored before the error is returned, so the retry resumes right after it
+    /// and never past an unacked event.
     async fn step(
         &mut self,
         max_batches: usize,
         read_until: Option<Instant>,
-        lazy: bool,
     ) -> anyhow::Result<Step> {
         if !self.stream_checked {
             // A stream that vanished while no relay ran must be refilled from the start, not
@@ -555,15 +530,13 @@ impl Relay {
                 Err(e) => return Err(e.into()),
             }
         }
-        if self.unsaved && self.last_save.elapsed() >= CURSOR_SAVE_INTERVAL {
-            self.flush_cursor().await?;
-        }
         let cursor = self.load_cursor().await?;
         let window_size = self.config.max_in_flight.max(1);
         let mut batches_read = self.read_ahead(cursor, max_batches, read_until);
         let mut window = FuturesOrdered::new();
         let mut acks = Acks::default();
         let mut caught_up = false;
+        let mut last_save = Instant::now();
         let mut failure: Option<anyhow::Error> = None;
         'read: while let Some(batch) = batches_read.recv().await {
             let batch = match batch {
@@ -598,12 +571,12 @@ impl Relay {
                         }
                         None => break,
                     }
-                    if self.last_save.elapsed() >= CURSOR_SAVE_INTERVAL
-                        && acks.complete.is_some()
-                        && let Err(e) = self.store_acked(&mut acks, false).await
-                    {
-                        failure = Some(e);
-                        break 'read;
+                    if last_save.elapsed() >= CURSOR_SAVE_INTERVAL && acks.complete.is_some() {
+                        if let Err(e) = self.store_acked(&mut acks).await {
+                            failure = Some(e);
+                            break 'read;
+                        }
+                        last_save = Instant::now();
                     }
                 }
             }
@@ -620,8 +593,8 @@ impl Relay {
                 }
             }
         }
-        // Whatever happened, what was fully acked is kept (written at once after a failure).
-        let stored = self.store_acked(&mut acks, lazy && failure.is_none()).await;
+        // Whatever happened, what was fully acked is kept.
+        let stored = self.store_acked(&mut acks).await;
         if let Some(e) = failure {
             if let Err(se) = stored {
                 tracing::warn!(relay = %self.config.name, error = %format!("{se:#}"), "could not store the cursor after a failed batch");
@@ -688,18 +661,12 @@ impl Relay {
         rx
     }
 
-    /// Moves the cursor to the newest fully acked batch, with its partition links, and writes it
-    /// unless `lazy` and the last write is more recent than [`CURSOR_SAVE_INTERVAL`].
-    async fn store_acked(&mut self, acks: &mut Acks, lazy: bool) -> anyhow::Result<()> {
+    /// Stores the newest fully acked batch as the cursor, with its partition links.
+    async fn store_acked(&mut self, acks: &mut Acks) -> anyhow::Result<()> {
         let Some((last, links, events)) = acks.complete.take() else {
             return Ok(());
         };
-        if lazy && self.last_save.elapsed() < CURSOR_SAVE_INTERVAL {
-            self.cursor = Some(last);
-            self.unsaved = true;
-        } else {
-            self.save_cursor(last).await?;
-        }
+        self.save_cursor(last).await?;
         self.last_in_partition = links;
         let newly = events - acks.stored_events;
         acks.stored_events = events;
@@ -767,14 +734,6 @@ impl Relay {
         Ok(cursor)
     }
 
-    /// Writes the cursor the leader moved in memory only, if any.
-    async fn flush_cursor(&mut self) -> anyhow::Result<()> {
-        match self.cursor {
-            Some(c) if self.unsaved => self.save_cursor(c).await,
-            _ => Ok(()),
-        }
-    }
-
     /// Stores the cursor; a leader writes through its lock connection, so a relay whose lock
     /// died cannot move the cursor after a new leader took over.
     async fn save_cursor(&mut self, position: Position) -> anyhow::Result<()> {
@@ -797,9 +756,6 @@ impl Relay {
             }
         }
         self.cursor = Some(position);
-        self.unsaved = false;
-        self.last_save = Instant::now();
-        metrics::counter!("nura_relay_cursor_writes_total").increment(1);
         Ok(())
     }
 
@@ -939,12 +895,10 @@ impl Acks {
 
 /// Wakes the leader on every `nura_events` notification until `stop`. Notifications are hints
 /// (any sent while the listener is disconnected are lost), so the leader also polls; this task
-/// only shortens the wait. Notifications from `own` (this relay's store, whose appends wake
-/// the leader through [`forward_local_appends`] already) are skipped. Runs apart from the
-/// publishing loop so that no `recv` is ever cancelled halfway, and reconnects after an error.
+/// only shortens the wait. Runs apart from the publishing loop so that no `recv` is ever
+/// cancelled halfway, and reconnects after an error.
 async fn listen_for_appends(
     pool: PgPool,
-    own: Arc<str>,
     wake: Arc<Notify>,
     stop: CancellationToken,
     retry_after: Duration,
@@ -952,7 +906,7 @@ async fn listen_for_appends(
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            Err(e) = forward_notifications(&pool, &own, &wake) => {
+            Err(e) = forward_notifications(&pool, &wake) => {
                 tracing::debug!(error = %e, "notification listener failed; polling until it reconnects");
             }
         }
@@ -984,7 +938,6 @@ async fn forward_local_appends(
 /// Listens until the connection fails; returns only with that error.
 async fn forward_notifications(
     pool: &PgPool,
-    own: &str,
     wake: &Notify,
 ) -> Result<std::convert::Infallible, sqlx::Error> {
     let mut l = PgListener::connect_with(pool).await?;
@@ -993,14 +946,10 @@ async fn forward_notifications(
     // notification to nobody: read once now instead of waiting for the poll.
     wake.notify_one();
     loop {
-        let mut foreign = l.recv().await?.payload() != own;
+        l.recv().await?;
         // Many appends mean many notifications: one wake-up serves them all.
-        while let Some(n) = l.next_buffered() {
-            foreign |= n.payload() != own;
-        }
-        if foreign {
-            wake.notify_one();
-        }
+        while l.next_buffered().is_some() {}
+        wake.notify_one();
     }
 }
 
