@@ -689,16 +689,24 @@ async fn raw_js_publish(
         ..Default::default()
     })
     .await?;
-    let body = bytes::Bytes::from(vec![b'x'; 600]);
     let t = Instant::now();
+    publish_windowed(js, n, |_| subject.clone()).await?;
+    Ok((n as f64 / t.elapsed().as_secs_f64(), name))
+}
+
+/// Publishes `n` messages of 600 bytes, message `i` on `subject(i)` with `Nats-Msg-Id` `raw-<i>`,
+/// keeping at most 512 PubAcks outstanding.
+async fn publish_windowed(
+    js: &async_nats::jetstream::Context,
+    n: usize,
+    subject: impl Fn(usize) -> String,
+) -> anyhow::Result<()> {
+    let body = bytes::Bytes::from(vec![b'x'; 600]);
     let mut window = std::collections::VecDeque::new();
     for i in 0..n {
         let mut h = async_nats::HeaderMap::new();
         h.insert("Nats-Msg-Id", format!("raw-{i}").as_str());
-        window.push_back(
-            js.publish_with_headers(subject.clone(), h, body.clone())
-                .await?,
-        );
+        window.push_back(js.publish_with_headers(subject(i), h, body.clone()).await?);
         if window.len() >= 512 {
             window.pop_front().expect("non-empty").await?;
         }
@@ -706,7 +714,7 @@ async fn raw_js_publish(
     for f in window {
         f.await?;
     }
-    Ok((n as f64 / t.elapsed().as_secs_f64(), name))
+    Ok(())
 }
 
 /// Pulls the stream in batches of 256 and acks every message, as projectors do.
@@ -766,23 +774,13 @@ async fn raw_js_consume_partitioned(
             ..Default::default()
         })
         .await?;
-    let body = bytes::Bytes::from(vec![b'x'; 600]);
-    let mut window = std::collections::VecDeque::new();
-    for i in 0..n {
-        window.push_back(
-            js.publish(
-                format!("{prefix}.conversations.conversation.{}.MessagePosted", i % PARTITIONS),
-                body.clone(),
-            )
-                .await?,
-        );
-        if window.len() >= 512 {
-            window.pop_front().expect("non-empty").await?;
-        }
-    }
-    for f in window {
-        f.await?;
-    }
+    publish_windowed(js, n, |i| {
+        format!(
+            "{prefix}.conversations.conversation.{}.MessagePosted",
+            i % PARTITIONS
+        )
+    })
+    .await?;
     let t = Instant::now();
     let mut tasks = Vec::new();
     for p in 0..PARTITIONS {
