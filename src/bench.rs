@@ -717,13 +717,12 @@ async fn publish_windowed(
     Ok(())
 }
 
-/// Pulls the stream in batches of 256 and acks every message, as projectors do.
+/// Pulls the stream in batches of 256 and acks every message one by one.
 async fn raw_js_consume(
     js: &async_nats::jetstream::Context,
     name: &str,
     n: usize,
 ) -> anyhow::Result<f64> {
-    use futures::StreamExt;
     let stream = js.get_stream(name).await?;
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::Config {
@@ -733,7 +732,23 @@ async fn raw_js_consume(
         })
         .await?;
     let t = Instant::now();
-    let deadline = t + Duration::from_secs(120);
+    let got = drain(&consumer, n).await?;
+    let rate = got as f64 / t.elapsed().as_secs_f64();
+    js.delete_stream(name).await.ok();
+    Ok(rate)
+}
+
+/// Pulls up to `n` messages from `consumer` in batches of 256 (for at most 120 s) and acks them:
+/// each one, or with `AckPolicy::All` the last of each batch, which acks the batch. Returns how
+/// many arrived.
+async fn drain(
+    consumer: &async_nats::jetstream::consumer::PullConsumer,
+    n: usize,
+) -> anyhow::Result<usize> {
+    use futures::StreamExt;
+    let cumulative =
+        consumer.cached_info().config.ack_policy == async_nats::jetstream::consumer::AckPolicy::All;
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut got = 0usize;
     while got < n && Instant::now() < deadline {
         let mut batch = consumer
@@ -742,28 +757,33 @@ async fn raw_js_consume(
             .expires(Duration::from_secs(1))
             .messages()
             .await?;
+        let mut last = None;
         while let Some(m) = batch.next().await {
             let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
-            m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
             got += 1;
+            if cumulative {
+                last = Some(m);
+            } else {
+                m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+        }
+        if let Some(m) = last {
+            m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
-    let rate = got as f64 / t.elapsed().as_secs_f64();
-    js.delete_stream(name).await.ok();
-    Ok(rate)
+    Ok(got)
 }
 
 /// The projectors' delivery pattern without Postgres: `n` messages spread over 8 partitions'
 /// subjects (shaped as the relay's), drained by 8 concurrent consumers, each filtered on its
-/// partition with the projectors' wildcard filter, fetching 256 at
-/// a time and acking each batch cumulatively. Not a target's floor (those compare with the plain
-/// consumer above): it shows what the server's filtered delivery alone allows.
+/// partition with the projectors' wildcard filter and acking each batch cumulatively. Not a
+/// target's floor (those compare with the plain consumer above): it shows what the server's
+/// filtered delivery alone allows.
 async fn raw_js_consume_partitioned(
     js: &async_nats::jetstream::Context,
     n: usize,
 ) -> anyhow::Result<f64> {
     use async_nats::jetstream::consumer;
-    use futures::StreamExt;
     const PARTITIONS: usize = 8;
     let name = unique("BENCH_RAWP");
     let prefix = name.to_lowercase();
@@ -793,27 +813,9 @@ async fn raw_js_consume_partitioned(
             })
             .await?;
         let expected = n / PARTITIONS + usize::from(p < n % PARTITIONS);
-        tasks.push(tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            let mut got = 0usize;
-            while got < expected && Instant::now() < deadline {
-                let mut batch = consumer
-                    .fetch()
-                    .max_messages(256)
-                    .expires(Duration::from_secs(1))
-                    .messages()
-                    .await?;
-                let mut last = None;
-                while let Some(m) = batch.next().await {
-                    last = Some(m.map_err(|e| anyhow::anyhow!("{e}"))?);
-                    got += 1;
-                }
-                if let Some(m) = last {
-                    m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-                }
-            }
-            Ok::<_, anyhow::Error>(got)
-        }));
+        tasks.push(tokio::spawn(
+            async move { drain(&consumer, expected).await },
+        ));
     }
     let mut got = 0;
     for task in tasks {

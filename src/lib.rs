@@ -225,9 +225,9 @@ async fn connect_db(db: &DbArgs) -> anyhow::Result<PgPool> {
 /// The pool every Nura process (and the benchmark standing in for one) queries through.
 ///
 /// An acquired connection is handed out without sqlx's default health check, a round trip
-/// (`Sync` → `ReadyForQuery`) before every statement that doubled the round trips of each
-/// single-statement use of the pool; sqlx still pings every connection when it is released, so
-/// a broken one is closed then. What that costs: after Postgres restarts, each idle pooled
+/// (`Sync` → `ReadyForQuery`) before every statement: one of the three round trips of each
+/// single-statement use of the pool. sqlx still pings every connection when it is released (it
+/// has no switch for that), so a broken one is closed then. What that costs: after Postgres restarts, each idle pooled
 /// connection fails the first statement given to it (one error per connection, which a client
 /// retries with the same `command_id`) instead of being replaced before use.
 pub(crate) fn pool_options(max_connections: u32) -> PgPoolOptions {
