@@ -350,7 +350,9 @@ impl PartitionWorker {
     /// already requested, so its messages travel meanwhile; [`PartitionWorker::release`] hands
     /// such a prefetched batch back.
     pub async fn process_batch(&mut self) -> Result<BatchOutcome, WorkerError> {
+        let started = Instant::now();
         let msgs = self.receive().await?;
+        let received = started.elapsed();
         if msgs.is_empty() {
             for p in &mut self.projectors {
                 p.write_foreign_progress(&self.shared).await?;
@@ -399,7 +401,12 @@ impl PartitionWorker {
             .iter()
             .filter(|a| matches!(a, AckKind::Nak(_)))
             .count();
+        let applied = started.elapsed();
         self.acknowledge(&msgs, &answers).await;
+        tracing::debug!(
+            partition = self.shared.partition, messages = msgs.len(), received_in = ?received,
+            applied_in = ?(applied - received), acked_in = ?(started.elapsed() - applied), "step"
+        );
         Ok(outcome)
     }
 

@@ -446,6 +446,7 @@ where
             e_payload.push(&e.payload);
         }
     }
+    let started = Instant::now();
     let result = sqlx::query(BATCH_SQL)
         .bind(&r_idx)
         .bind(&r_stream)
@@ -463,6 +464,10 @@ where
         .bind(&e_payload)
         .fetch_all(db)
         .await;
+    // How long a batch statement takes (commit and WAL flush included): with the batch sizes
+    // in `nura_store_group_commit_size`, it tells whether a lane is slow or starved of work.
+    metrics::histogram!("nura_store_group_commit_batch_seconds")
+        .record(started.elapsed().as_secs_f64());
     // None: answer on its own (left out because its command id exists, or the batch failed).
     let mut done: Vec<Option<Result<Appended, StoreError>>> = (0..n).map(|_| None).collect();
     match result {
