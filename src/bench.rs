@@ -170,11 +170,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Interrupted (Ctrl-C, or SIGTERM from `timeout`), the run is abandoned but its scratch
     // database is still dropped; left behind, each such database holds a 100k-event backlog.
     // The handlers are in place before the database exists.
-    let interrupted = interrupted()?;
+    let interrupted = crate::shutdown_on_signal();
     let scratch = Scratch::create(&args.database_url).await?;
     let result = tokio::select! {
         result = run_all(&args, &sizes, &scratch) => result,
-        _ = interrupted => Err(anyhow::anyhow!("interrupted; no rows recorded")),
+        _ = interrupted.cancelled() => Err(anyhow::anyhow!("interrupted; no rows recorded")),
     };
     scratch.drop_db().await;
     let rows = result?;
@@ -185,27 +185,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("bench: wrote {}", path.display());
     }
     Ok(())
-}
-
-/// Resolves on the first SIGINT or SIGTERM received after this call (on other platforms, Ctrl-C
-/// once polled).
-fn interrupted() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut int = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
-        let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
-        Ok(async move {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        })
-    }
-    #[cfg(not(unix))]
-    Ok(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
 }
 
 pub(crate) fn progress(what: &str) {

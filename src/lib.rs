@@ -285,33 +285,48 @@ async fn connect_jetstream(nats: &NatsArgs) -> anyhow::Result<async_nats::jetstr
     Ok(async_nats::jetstream::new(connect_nats(nats).await?))
 }
 
-/// A token cancelled on SIGINT or SIGTERM.
+/// A token cancelled on the first SIGINT or SIGTERM after this call. The handlers are registered
+/// here, before it returns: a signal that arrives before the spawned task first runs still
+/// cancels the token instead of killing the process.
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                        let _ = ctrl_c.await;
-                        t.cancel();
-                        return;
-                    }
-                };
+    #[cfg(unix)]
+    let requested = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &str| {
+            signal(kind)
+                .map_err(|e| tracing::warn!(error = %e, "cannot listen for {name}"))
+                .ok()
+        };
+        let int = listen(SignalKind::interrupt(), "SIGINT");
+        let term = listen(SignalKind::terminate(), "SIGTERM");
+        async move {
             tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+                _ = received(int) => {}
+                _ = received(term) => {}
             }
         }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
+    };
+    #[cfg(not(unix))]
+    let requested = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    tokio::spawn(async move {
+        requested.await;
         tracing::info!("shutdown requested");
         t.cancel();
     });
     token
+}
+
+/// The next delivery of a signal listened for; never, for one that could not be listened for.
+#[cfg(unix)]
+async fn received(signal: Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(mut s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
 }

@@ -38,10 +38,9 @@ async fn an_interrupted_bench_drops_its_scratch_database() {
         // Wait until its scratch database exists (the run is under way).
         let deadline = Instant::now() + Duration::from_secs(60);
         let created = loop {
-            let now: BTreeSet<String> = scratch_databases(&admin).await;
-            let new: Vec<String> = now.difference(&before).cloned().collect();
-            if let Some(name) = new.into_iter().next() {
-                break name;
+            let now = scratch_databases(&admin).await;
+            if let Some(name) = now.difference(&before).next() {
+                break name.clone();
             }
             assert!(
                 Instant::now() < deadline,
