@@ -772,6 +772,75 @@ async fn another_tenants_conversation_is_not_found_on_every_endpoint() {
 }
 
 #[tokio::test]
+async fn a_conversation_read_lists_its_messages_in_order_and_truncates_past_the_limit() {
+    bounded(async {
+        let env = env().await;
+        let t = member("acme");
+        let (id, _) = start(&env.app, &t, "ordered").await;
+        let (empty, _) = start(&env.app, &t, "quiet").await;
+        for text in ["first", "second", "third"] {
+            let r = post(
+                format!("/v1/conversations/{id}/messages"),
+                Some(&t),
+                json!({"text": text}),
+            )
+            .send(&env.app)
+            .await;
+            assert_eq!(r.status, StatusCode::CREATED, "{}", r.raw);
+        }
+        project(&env).await;
+
+        let r = get(format!("/v1/conversations/{id}"), Some(&t))
+            .send(&env.app)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.raw);
+        assert_eq!(r.body["message_count"], 3);
+        assert_eq!(r.body["version"], 4);
+        assert_eq!(r.body["messages_truncated"], false);
+        let messages = r.body["messages"].as_array().expect("messages");
+        let texts: Vec<_> = messages.iter().map(|m| m["text"].clone()).collect();
+        assert_eq!(texts, [json!("first"), json!("second"), json!("third")]);
+        let versions: Vec<_> = messages.iter().map(|m| m["stream_version"].clone()).collect();
+        assert_eq!(versions, [json!(2), json!(3), json!(4)]);
+        for m in messages {
+            assert_eq!(m["author"], "alice", "{m}");
+            assert!(m["message_id"].as_str().is_some_and(|s| s.len() == 36), "{m}");
+            assert!(m["posted_at"].as_str().is_some_and(|s| s.ends_with('Z')), "{m}");
+        }
+
+        let r = get(format!("/v1/conversations/{empty}"), Some(&t))
+            .send(&env.app)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.raw);
+        assert_eq!(r.body["messages"], json!([]));
+        assert_eq!(r.body["messages_truncated"], false);
+
+        // Past the limit (rows written straight into the read model): the first ones, flagged.
+        let limit = nura_query_api::MAX_MESSAGES;
+        sqlx::query(
+            "INSERT INTO read.messages (message_id, conversation_id, tenant_id, author, text, posted_at, stream_version) \
+             SELECT gen_random_uuid(), $1, 'acme', 'bulk', 'm' || v, now(), v \
+             FROM generate_series(5, $2) AS v",
+        )
+        .bind(uuid::Uuid::parse_str(&id).expect("uuid"))
+        .bind(limit + 4)
+        .execute(&env.db.pool)
+        .await
+        .expect("bulk messages");
+        let r = get(format!("/v1/conversations/{id}"), Some(&t))
+            .send(&env.app)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.raw);
+        let messages = r.body["messages"].as_array().expect("messages");
+        assert_eq!(messages.len() as i64, limit);
+        assert_eq!(messages[0]["text"], "first");
+        assert_eq!(messages[messages.len() - 1]["stream_version"], limit + 1);
+        assert_eq!(r.body["messages_truncated"], true);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_stale_if_match_is_a_409_with_both_versions_and_a_current_one_is_accepted() {
     bounded(async {
         let env = env().await;

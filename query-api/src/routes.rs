@@ -150,28 +150,31 @@ async fn get_conversation(
     let Query(p) = params.map_err(query_error)?;
     s.catch_up(PROJECTOR, p.after.as_deref(), &headers).await?;
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("conversation"))?;
+    // One statement, so the conversation (its count, its version as the ETag) and its messages
+    // come from one snapshot: a message committed in between can never be listed beside a count
+    // or a version that does not include it. It also saves a round trip per read.
     let sql = format!(
-        "SELECT {CONVERSATION_COLUMNS} FROM read.conversations \
-         WHERE conversation_id = $1 AND tenant_id = $2"
+        "SELECT {CONVERSATION_COLUMNS}, m.* FROM read.conversations c CROSS JOIN LATERAL ( \
+             SELECT coalesce(array_agg(message_id ORDER BY stream_version), '{{}}') AS m_ids, \
+                    coalesce(array_agg(author ORDER BY stream_version), '{{}}') AS m_authors, \
+                    coalesce(array_agg(text ORDER BY stream_version), '{{}}') AS m_texts, \
+                    coalesce(array_agg(posted_at ORDER BY stream_version), '{{}}') AS m_posted, \
+                    coalesce(array_agg(stream_version ORDER BY stream_version), '{{}}') AS m_versions \
+             FROM (SELECT message_id, author, text, posted_at, stream_version FROM read.messages \
+                   WHERE conversation_id = c.conversation_id AND tenant_id = c.tenant_id \
+                   ORDER BY stream_version LIMIT $3) page \
+         ) m WHERE c.conversation_id = $1 AND c.tenant_id = $2"
     );
-    let conversation: ConversationView = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .bind(&principal.tenant_id)
+        .bind(MAX_MESSAGES + 1)
         .fetch_optional(s.store.pool())
         .await
         .map_err(db_error)?
         // Another tenant's conversation is indistinguishable from a missing one.
         .ok_or_else(|| ApiError::not_found("conversation"))?;
-    let mut messages: Vec<MessageView> = sqlx::query_as(
-        "SELECT message_id, author, text, posted_at, stream_version FROM read.messages \
-         WHERE conversation_id = $1 AND tenant_id = $2 ORDER BY stream_version LIMIT $3",
-    )
-    .bind(id)
-    .bind(&principal.tenant_id)
-    .bind(MAX_MESSAGES + 1)
-    .fetch_all(s.store.pool())
-    .await
-    .map_err(db_error)?;
+    let (conversation, mut messages) = conversation_with_messages(&row).map_err(db_error)?;
     let truncated = messages.len() as i64 > MAX_MESSAGES;
     messages.truncate(MAX_MESSAGES as usize);
     let mut body = serde_json::to_value(&conversation).map_err(ApiError::internal)?;
@@ -183,6 +186,37 @@ async fn get_conversation(
     let etag = HeaderValue::from_str(&format!("\"{}\"", conversation.version))
         .map_err(ApiError::internal)?;
     Ok(([(header::ETAG, etag)], ApiJson(body)).into_response())
+}
+
+/// Decodes a row of `get_conversation`'s statement: the conversation's columns and its
+/// messages as parallel arrays, in stream order.
+fn conversation_with_messages(
+    row: &sqlx::postgres::PgRow,
+) -> Result<(ConversationView, Vec<MessageView>), sqlx::Error> {
+    use sqlx::{FromRow, Row};
+    let conversation = ConversationView::from_row(row)?;
+    let ids: Vec<Uuid> = row.try_get("m_ids")?;
+    let authors: Vec<String> = row.try_get("m_authors")?;
+    let texts: Vec<String> = row.try_get("m_texts")?;
+    let posted: Vec<DateTime<Utc>> = row.try_get("m_posted")?;
+    let versions: Vec<i64> = row.try_get("m_versions")?;
+    let messages = ids
+        .into_iter()
+        .zip(authors)
+        .zip(texts)
+        .zip(posted)
+        .zip(versions)
+        .map(
+            |((((message_id, author), text), posted_at), stream_version)| MessageView {
+                message_id,
+                author,
+                text,
+                posted_at,
+                stream_version,
+            },
+        )
+        .collect();
+    Ok((conversation, messages))
 }
 
 async fn stream_events(
