@@ -219,8 +219,15 @@ impl Relay {
             }
             self.release_leadership().await;
         }
+        // The cursor is derived state, written through this connection after every publishing
+        // step: its commits do not wait for a WAL flush, so the next events are not held up
+        // behind one. A Postgres crash can take the last moments of cursor moves with it; the
+        // relay then republishes those events, and JetStream's de-duplication absorbs them
+        // (consumers skip by position what falls outside its window). A rewind, which must
+        // never be undone, is flushed (see `rewind`).
         let opts: PgConnectOptions = (*self.store.pool().connect_options())
             .clone()
+            .options([("synchronous_commit", "off")])
             .application_name(&format!("nura-relay:{}", self.config.name));
         let mut conn = tokio::time::timeout(LOCK_QUERY_TIMEOUT, opts.connect())
             .await
@@ -698,8 +705,12 @@ impl Relay {
         self.rewind().await
     }
 
+    /// Moves the cursor back to zero, flushed before it returns: a rewind lost in a crash would
+    /// leave the cursor past events the recreated stream does not hold.
     async fn rewind(&mut self) -> anyhow::Result<()> {
+        self.set_lock_synchronous_commit("on").await?;
         self.save_cursor(Position::ZERO).await?;
+        self.set_lock_synchronous_commit("off").await?;
         self.last_in_partition.clear();
         Ok(())
     }
@@ -732,6 +743,20 @@ impl Relay {
         self.cursor = Some(cursor);
         self.last_in_partition.clear();
         Ok(cursor)
+    }
+
+    /// Sets `synchronous_commit` on the lock connection, if there is one (pool connections
+    /// keep the server's setting).
+    async fn set_lock_synchronous_commit(&mut self, value: &str) -> anyhow::Result<()> {
+        if let Some(conn) = self.lock.as_mut() {
+            let set = sqlx::query("SELECT set_config('synchronous_commit', $1, false)")
+                .bind(value)
+                .execute(conn);
+            tokio::time::timeout(LOCK_QUERY_TIMEOUT, set)
+                .await
+                .map_err(|_| anyhow::anyhow!("timed out setting synchronous_commit"))??;
+        }
+        Ok(())
     }
 
     /// Stores the cursor; a leader writes through its lock connection, so a relay whose lock
