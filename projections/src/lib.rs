@@ -18,6 +18,11 @@
 //! * [`PartitionWorker::process_batch`] is that loop's single step, for tests and tools.
 //! * Exactness does not depend on JetStream: events at or below the checkpoint are skipped, and a
 //!   break in the `Nura-Prev` chain is filled from Postgres ([`nura_store::EventStore::read_partition`]).
+//! * When its partition goes idle, a worker that started, failed or took the partition over
+//!   compares each checkpoint with the partition's last message in the stream and applies what
+//!   is missing from Postgres: a message acked without its commit surviving (a cumulative ack
+//!   over a message another owner held, a restored read-model database) never waits for the
+//!   partition's next event.
 //! * A poison event goes to `read.dead_letters` after `max_attempts`; later events of its stream
 //!   are parked behind it; [`admin_router`] lists and retries them.
 //!

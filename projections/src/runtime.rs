@@ -7,6 +7,7 @@ use crate::projection::{Gate, Gated, Projection};
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::pull::{self, Batch};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use nura_nats::{Delivered, Topology};
@@ -154,6 +155,13 @@ pub struct PartitionWorker {
     consumer_checked: Instant,
     /// The next batch, requested while the previous one was applied, and its requested size.
     prefetched: Option<(Batch, usize)>,
+    /// The projections were found at or past the partition's last message in the stream since
+    /// the worker started, last failed, or last released the partition (see
+    /// [`PartitionWorker::catch_up_with_stream`]).
+    tail_checked: bool,
+    /// Catch-up attempts that ended with an event to retry: they count as that event's
+    /// deliveries, so an event that keeps failing is dead-lettered as a delivered one would be.
+    tail_attempts: i64,
 }
 
 /// What every projection of a worker reads while it applies a batch.
@@ -248,6 +256,8 @@ impl PartitionWorker {
             ack_all: false,
             consumer_checked: Instant::now(),
             prefetched: None,
+            tail_checked: false,
+            tail_attempts: 0,
         }
     }
 
@@ -350,6 +360,16 @@ impl PartitionWorker {
     /// already requested, so its messages travel meanwhile; [`PartitionWorker::release`] hands
     /// such a prefetched batch back.
     pub async fn process_batch(&mut self) -> Result<BatchOutcome, WorkerError> {
+        let result = self.step().await;
+        if result.is_err() {
+            // The failure may have been Postgres going away (restored, or crashed with commits
+            // it had not flushed): look at the stream's tail again once the partition is idle.
+            self.tail_checked = false;
+        }
+        result
+    }
+
+    async fn step(&mut self) -> Result<BatchOutcome, WorkerError> {
         let started = Instant::now();
         let msgs = self.receive().await?;
         let received = started.elapsed();
@@ -358,6 +378,11 @@ impl PartitionWorker {
                 p.write_foreign_progress(&self.shared).await?;
             }
             self.check_consumer().await;
+            if !self.tail_checked {
+                let (caught_up, outcome) = self.catch_up_with_stream().await?;
+                self.tail_checked = caught_up;
+                return Ok(outcome);
+            }
             return Ok(BatchOutcome::default());
         }
         let pending = msgs.last().and_then(|m| m.info().ok()).map(|i| i.pending);
@@ -486,6 +511,7 @@ impl PartitionWorker {
     /// partition): its messages are nacked without delay so whoever projects the partition next
     /// gets them at once instead of after `ack_wait`. Waits at most for the fetch to expire.
     pub async fn release(&mut self) {
+        self.tail_checked = false;
         for p in &mut self.projectors {
             if let Err(e) = p.write_foreign_progress(&self.shared).await {
                 tracing::warn!(
@@ -500,6 +526,73 @@ impl PartitionWorker {
         while let Some(Ok(m)) = batch.next().await {
             let _ = m.ack_with(AckKind::Nak(None)).await;
         }
+    }
+
+    /// Brings every projection up to the partition's last message in the stream, from Postgres,
+    /// when its checkpoint is behind it; run when the partition is idle, once after the worker
+    /// starts, fails or takes the partition over. A checkpoint behind a message no consumer will
+    /// deliver again means the message was acked without its commit surviving: a cumulative ack
+    /// covered a message another owner held, a worker died holding in-memory progress over other
+    /// aggregates' events, the read-model database was restored from a backup, or the server
+    /// runs with `synchronous_commit = off` and crashed. Any later message of the partition
+    /// refills such a gap through its `Nura-Prev` link; on a partition that stays quiet this
+    /// does, instead of leaving the read model (and readers waiting on a commit token) behind
+    /// until its next event. Returns whether every projection is now at or past that message,
+    /// and what was applied.
+    async fn catch_up_with_stream(&mut self) -> Result<(bool, BatchOutcome), WorkerError> {
+        let partition = self.shared.partition;
+        let filter = self.topology.partition_filter(partition);
+        let stream = self
+            .js
+            .get_stream_no_info(&self.topology.stream)
+            .await
+            .map_err(|e| WorkerError::Nats(format!("stream {}: {e}", self.topology.stream)))?;
+        let last = match stream.get_last_raw_message_by_subject(&filter).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                return Ok((true, BatchOutcome::default()));
+            }
+            Err(e) => return Err(WorkerError::Nats(format!("last message of {filter}: {e}"))),
+        };
+        self.tail_attempts += 1;
+        let last = [Incoming {
+            delivered: decode_ours(&self.shared, Some(&last.headers), &last.payload),
+            attempts: self.tail_attempts,
+        }];
+        let mut caught_up = true;
+        let mut outcome = BatchOutcome::default();
+        for p in &mut self.projectors {
+            let applied = match p.apply_batch(&self.shared, &last, false).await? {
+                Some(a) => Some(a),
+                None => p.apply_batch(&self.shared, &last, true).await?,
+            };
+            let Some(applied) = applied else {
+                caught_up = false;
+                continue;
+            };
+            // A failing event is retried at the next idle step (or by the next message); a
+            // message that names no event of the store has nothing to catch up to.
+            caught_up &= !applied.answers.iter().any(|a| matches!(a, AckKind::Nak(_)));
+            if applied.outcome.applied > 0 {
+                tracing::warn!(
+                    projector = p.projection.name(),
+                    partition,
+                    applied = applied.outcome.applied,
+                    "checkpoint was behind the stream's last message of the partition: \
+                     applied the missing events from Postgres"
+                );
+                metrics::counter!("nura_projector_caught_up_total", "projector" => p.projection.name())
+                    .increment(applied.outcome.applied as u64);
+            }
+            outcome.applied += applied.outcome.applied;
+            outcome.holes_filled += applied.outcome.holes_filled;
+            outcome.parked += applied.outcome.parked;
+            outcome.dead_lettered += applied.outcome.dead_lettered;
+        }
+        if caught_up {
+            self.tail_attempts = 0;
+        }
+        Ok((caught_up, outcome))
     }
 
     async fn check_consumer(&mut self) {
@@ -525,7 +618,9 @@ impl PartitionWorker {
     /// consumer still out elsewhere (held by another owner, or a chaos client): in the normal
     /// case its event is at or below the checkpoints just committed; if not (a message
     /// republished after a loss overtook it), its event is refilled from Postgres through the
-    /// `Nura-Prev` chain when the partition's next message arrives, so it is late, never lost. A
+    /// `Nura-Prev` chain when the partition's next message arrives, or by
+    /// [`PartitionWorker::catch_up_with_stream`] at the next owner's first idle step: late,
+    /// never lost. A
     /// batch with a nak or a termination is answered message by message, so an event to retry is
     /// never acked (a projection naks a failing message and every one after it).
     async fn acknowledge(&self, msgs: &[jetstream::Message], answers: &[AckKind]) {
@@ -598,23 +693,23 @@ impl Projector {
         msgs: &[jetstream::Message],
     ) -> Result<(&'static str, Applied), WorkerError> {
         let foreign = self.pass_foreign_batch(shared, msgs).await?;
-        if foreign.is_none() {
-            // Every other path reads the checkpoint from the table.
-            self.write_foreign_progress(shared).await?;
+        if let Some(a) = foreign {
+            return Ok(("foreign", a));
         }
-        Ok(if let Some(a) = foreign {
-            ("foreign", a)
-        } else if let Some(a) = self.apply_gated(shared, msgs).await? {
-            ("gated", a)
-        } else if let Some(a) = self.apply_batch(shared, msgs, false).await? {
-            ("transaction", a)
-        } else {
-            let a = self.apply_batch(shared, msgs, true).await?;
-            (
-                "careful",
-                a.ok_or_else(|| WorkerError::Nats("careful batch gave up".into()))?,
-            )
-        })
+        // Every other path reads the checkpoint from the table.
+        self.write_foreign_progress(shared).await?;
+        if let Some(a) = self.apply_gated(shared, msgs).await? {
+            return Ok(("gated", a));
+        }
+        let incoming = incoming(shared, msgs);
+        if let Some(a) = self.apply_batch(shared, &incoming, false).await? {
+            return Ok(("transaction", a));
+        }
+        let a = self.apply_batch(shared, &incoming, true).await?;
+        Ok((
+            "careful",
+            a.ok_or_else(|| WorkerError::Nats("careful batch gave up".into()))?,
+        ))
     }
 
     /// The `Nura-Prev` chain of a batch read from its headers alone: `(from, to)` when every
@@ -812,25 +907,10 @@ impl Projector {
     async fn apply_batch(
         &mut self,
         shared: &Shared,
-        msgs: &[jetstream::Message],
+        msgs: &[Incoming],
         careful: bool,
     ) -> Result<Option<Applied>, WorkerError> {
         let name = self.projection.name();
-        let decoded: Vec<Result<Delivered, String>> = msgs
-            .iter()
-            .map(|m| {
-                nura_nats::decode(m.headers.as_ref(), &m.payload).and_then(|d| {
-                    if d.event.partition == shared.partition {
-                        Ok(d)
-                    } else {
-                        Err(format!(
-                            "event of partition {} on our subject",
-                            d.event.partition
-                        ))
-                    }
-                })
-            })
-            .collect();
         let mut outcome = BatchOutcome {
             fetched: msgs.len(),
             ..Default::default()
@@ -844,9 +924,9 @@ impl Projector {
         // The fast path's events, applied together after the loop.
         let mut pending: Vec<RecordedEvent> = Vec::new();
         // Messages to terminate: undecodable ones now, foreign ones as they are found.
-        let mut terminate: Vec<bool> = decoded.iter().map(Result::is_err).collect();
-        'messages: for (i, (msg, d)) in msgs.iter().zip(decoded).enumerate() {
-            let d = match d {
+        let mut terminate: Vec<bool> = msgs.iter().map(|m| m.delivered.is_err()).collect();
+        'messages: for (i, msg) in msgs.iter().enumerate() {
+            let d = match &msg.delivered {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!(partition = shared.partition, error = %e, "undecodable message terminated");
@@ -860,7 +940,7 @@ impl Projector {
                 continue;
             }
             let events = if d.prev.unwrap_or(Position::ZERO) == checkpoint {
-                vec![d.event]
+                vec![d.event.clone()]
             } else {
                 match self.fill_hole(shared, checkpoint, &d.event).await? {
                     Some(events) => events,
@@ -878,7 +958,7 @@ impl Projector {
                 }
             };
             outcome.holes_filled += events.len() - 1;
-            let attempts = msg.info().map(|i| i.delivered).unwrap_or(1).max(1);
+            let attempts = msg.attempts;
             for event in events {
                 if let Some(first) = parked.get(&event.stream_id) {
                     let why = format!("parked behind dead letter {first}");
@@ -1005,6 +1085,41 @@ impl Projector {
         }
         Ok(Some(events))
     }
+}
+
+/// A message as the transactional path sees it: its event (or why it could not be read) and how
+/// many times it was delivered.
+struct Incoming {
+    delivered: Result<Delivered, String>,
+    attempts: i64,
+}
+
+/// Decodes `msgs` for the transactional path; an event of another partition on our subject is
+/// undecodable here.
+fn incoming(shared: &Shared, msgs: &[jetstream::Message]) -> Vec<Incoming> {
+    msgs.iter()
+        .map(|m| Incoming {
+            delivered: decode_ours(shared, m.headers.as_ref(), &m.payload),
+            attempts: m.info().map(|i| i.delivered).unwrap_or(1).max(1),
+        })
+        .collect()
+}
+
+fn decode_ours(
+    shared: &Shared,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> Result<Delivered, String> {
+    nura_nats::decode(headers, payload).and_then(|d| {
+        if d.event.partition == shared.partition {
+            Ok(d)
+        } else {
+            Err(format!(
+                "event of partition {} on our subject",
+                d.event.partition
+            ))
+        }
+    })
 }
 
 /// Locks (creating it if needed) the checkpoint row of `(projector, partition)` for the rest of
