@@ -10,6 +10,27 @@ mod common;
 use common::*;
 use std::time::Duration;
 
+/// Undoes every projector commit of `partitions`, as a restore from an older backup would: the
+/// read-model rows of their streams and every projection's checkpoint of them are gone, while
+/// JetStream keeps their messages acked.
+async fn undo_commits(env: &Env, partitions: &[i32]) {
+    let streams = "SELECT DISTINCT stream_id FROM es.events WHERE partition = ANY($1)";
+    for sql in [
+        format!(
+            "DELETE FROM read.messages WHERE conversation_id IN \
+             (SELECT conversation_id FROM read.conversations WHERE stream_id IN ({streams}))"
+        ),
+        format!("DELETE FROM read.conversations WHERE stream_id IN ({streams})"),
+        "DELETE FROM read.checkpoints WHERE partition = ANY($1)".to_owned(),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(partitions)
+            .execute(&env.db.pool)
+            .await
+            .expect("undo commits");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commits_lost_after_their_messages_were_acked_are_refilled_without_a_later_event() {
     let env = Env::new().await;
@@ -25,8 +46,7 @@ async fn commits_lost_after_their_messages_were_acked_are_refilled_without_a_lat
         assert_eq!(first.fetched, 150, "{first:?}");
         assert_equals_fold(&env.store, &counts).await;
 
-        // Every commit of two partitions is undone (as a restore from an older backup would):
-        // their rows and both projections' checkpoints are gone. Their messages stay acked.
+        // Every commit of two partitions is undone; their messages stay acked.
         let mut lost: Vec<i32> = heads.keys().copied().collect();
         lost.sort_unstable();
         lost.truncate(2);
@@ -37,21 +57,7 @@ async fn commits_lost_after_their_messages_were_acked_are_refilled_without_a_lat
                 .await
                 .expect("count");
         assert!(in_lost > 0);
-        let streams = "SELECT DISTINCT stream_id FROM es.events WHERE partition = ANY($1)";
-        for sql in [
-            format!(
-                "DELETE FROM read.messages WHERE conversation_id IN \
-                 (SELECT conversation_id FROM read.conversations WHERE stream_id IN ({streams}))"
-            ),
-            format!("DELETE FROM read.conversations WHERE stream_id IN ({streams})"),
-            "DELETE FROM read.checkpoints WHERE partition = ANY($1)".to_owned(),
-        ] {
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(&lost)
-                .execute(&env.db.pool)
-                .await
-                .expect("undo commits");
-        }
+        undo_commits(&env, &lost).await;
         assert!(!caught_up(&env.store, &heads).await);
 
         // Nothing is appended or published again: new owners catch up from Postgres alone.
@@ -110,21 +116,7 @@ async fn a_failing_event_in_a_refilled_gap_is_dead_lettered_after_its_attempts()
                 .fetch_one(&env.db.pool)
                 .await
                 .expect("partition");
-        let streams = "SELECT DISTINCT stream_id FROM es.events WHERE partition = $1";
-        for sql in [
-            format!(
-                "DELETE FROM read.messages WHERE conversation_id IN \
-                 (SELECT conversation_id FROM read.conversations WHERE stream_id IN ({streams}))"
-            ),
-            format!("DELETE FROM read.conversations WHERE stream_id IN ({streams})"),
-            "DELETE FROM read.checkpoints WHERE partition = $1".to_owned(),
-        ] {
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(partition)
-                .execute(&env.db.pool)
-                .await
-                .expect("undo commits");
-        }
+        undo_commits(&env, &[partition]).await;
         set_poison_trigger(&env, true).await;
 
         let running = spawn_workers(env.workers(&config));
