@@ -562,11 +562,7 @@ impl PartitionWorker {
         let mut caught_up = true;
         let mut outcome = BatchOutcome::default();
         for p in &mut self.projectors {
-            let applied = match p.apply_batch(&self.shared, &last, false).await? {
-                Some(a) => Some(a),
-                None => p.apply_batch(&self.shared, &last, true).await?,
-            };
-            let Some(applied) = applied else {
+            let Some((_, applied)) = p.apply_in_transaction(&self.shared, &last).await? else {
                 caught_up = false;
                 continue;
             };
@@ -584,10 +580,13 @@ impl PartitionWorker {
                 metrics::counter!("nura_projector_caught_up_total", "projector" => p.projection.name())
                     .increment(applied.outcome.applied as u64);
             }
-            outcome.applied += applied.outcome.applied;
-            outcome.holes_filled += applied.outcome.holes_filled;
-            outcome.parked += applied.outcome.parked;
-            outcome.dead_lettered += applied.outcome.dead_lettered;
+            // The stream's last message was read, not delivered: it counts as neither a skipped
+            // nor an undecodable delivery.
+            outcome.absorb(BatchOutcome {
+                skipped: 0,
+                undecodable: 0,
+                ..applied.outcome
+            });
         }
         if caught_up {
             self.tail_attempts = 0;
@@ -701,15 +700,25 @@ impl Projector {
         if let Some(a) = self.apply_gated(shared, msgs).await? {
             return Ok(("gated", a));
         }
-        let incoming = incoming(shared, msgs);
-        if let Some(a) = self.apply_batch(shared, &incoming, false).await? {
-            return Ok(("transaction", a));
+        self.apply_in_transaction(shared, &incoming(shared, msgs))
+            .await?
+            .ok_or_else(|| WorkerError::Nats("careful batch gave up".into()))
+    }
+
+    /// The transactional path: the batch in one transaction, or, when it is refused there,
+    /// event by event (`careful`). `None` when even that gave up.
+    async fn apply_in_transaction(
+        &mut self,
+        shared: &Shared,
+        msgs: &[Incoming],
+    ) -> Result<Option<(&'static str, Applied)>, WorkerError> {
+        if let Some(a) = self.apply_batch(shared, msgs, false).await? {
+            return Ok(Some(("transaction", a)));
         }
-        let a = self.apply_batch(shared, &incoming, true).await?;
-        Ok((
-            "careful",
-            a.ok_or_else(|| WorkerError::Nats("careful batch gave up".into()))?,
-        ))
+        Ok(self
+            .apply_batch(shared, msgs, true)
+            .await?
+            .map(|a| ("careful", a)))
     }
 
     /// The `Nura-Prev` chain of a batch read from its headers alone: `(from, to)` when every

@@ -101,7 +101,7 @@ struct ConversationView {
     version: i64,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize)]
 struct MessageView {
     message_id: Uuid,
     author: String,
