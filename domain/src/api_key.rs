@@ -217,16 +217,7 @@ impl DomainEvent for ApiKeyEvent {
     }
 
     fn from_stored(event_type: &str, payload: &serde_json::Value) -> Result<Self, UnknownEvent> {
-        let mut v = payload.clone();
-        let fail = |reason: String| UnknownEvent {
-            event_type: event_type.to_owned(),
-            reason,
-        };
-        let o = v
-            .as_object_mut()
-            .ok_or_else(|| fail("payload is not an object".into()))?;
-        o.insert("type".into(), event_type.into());
-        serde_json::from_value(v).map_err(|e| fail(e.to_string()))
+        crate::from_tagged_payload(event_type, payload)
     }
 }
 

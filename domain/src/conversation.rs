@@ -256,16 +256,7 @@ impl DomainEvent for ConversationEvent {
     }
 
     fn from_stored(event_type: &str, payload: &serde_json::Value) -> Result<Self, UnknownEvent> {
-        let mut v = payload.clone();
-        let fail = |reason: String| UnknownEvent {
-            event_type: event_type.to_owned(),
-            reason,
-        };
-        let o = v
-            .as_object_mut()
-            .ok_or_else(|| fail("payload is not an object".into()))?;
-        o.insert("type".into(), event_type.into());
-        serde_json::from_value(v).map_err(|e| fail(e.to_string()))
+        crate::from_tagged_payload(event_type, payload)
     }
 }
 
@@ -442,6 +433,28 @@ mod tests {
             let back = ConversationEvent::from_stored(e.event_type(), &e.to_payload()).unwrap();
             assert_eq!(back, e);
         }
+    }
+
+    #[test]
+    fn stored_events_decode_by_their_stored_type_name() {
+        let payload = archived().to_payload();
+        let mut with_type = payload.clone();
+        with_type["type"] = "MessagePosted".into();
+        assert_eq!(
+            ConversationEvent::from_stored("ConversationArchived", &with_type).unwrap(),
+            archived()
+        );
+        let wrong = ConversationEvent::from_stored("MessagePosted", &payload).unwrap_err();
+        assert_eq!(wrong.event_type, "MessagePosted");
+        assert!(wrong.reason.contains("missing field"), "{}", wrong.reason);
+        let unknown = ConversationEvent::from_stored("Renamed", &payload).unwrap_err();
+        assert!(
+            unknown.reason.contains("unknown variant"),
+            "{}",
+            unknown.reason
+        );
+        let not_object = ConversationEvent::from_stored("ConversationArchived", &"x".into());
+        assert_eq!(not_object.unwrap_err().reason, "payload is not an object");
     }
 
     #[test]

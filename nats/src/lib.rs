@@ -7,4 +7,6 @@
 pub mod relay;
 mod topology;
 
-pub use topology::{Delivered, Topology, decode, encode, encode_raw, headers, prev_of};
+pub use topology::{
+    Delivered, Topology, decode, encode, encode_raw, header_names, headers, prev_of,
+};

@@ -23,6 +23,22 @@ pub mod headers {
     pub const PREV: &str = "Nura-Prev";
 }
 
+/// The same names as `HeaderName`s. Looking a header up by one of these builds nothing; a lookup
+/// by `&str` validates the name and copies it into a new `HeaderName` first, on every call.
+pub mod header_names {
+    use super::headers;
+    use async_nats::HeaderName;
+
+    pub const MSG_ID: HeaderName = HeaderName::from_static(headers::MSG_ID);
+    pub const EVENT_ID: HeaderName = HeaderName::from_static(headers::EVENT_ID);
+    pub const EVENT_TYPE: HeaderName = HeaderName::from_static(headers::EVENT_TYPE);
+    pub const STREAM_ID: HeaderName = HeaderName::from_static(headers::STREAM_ID);
+    pub const STREAM_VERSION: HeaderName = HeaderName::from_static(headers::STREAM_VERSION);
+    pub const TENANT_ID: HeaderName = HeaderName::from_static(headers::TENANT_ID);
+    pub const COMMIT: HeaderName = HeaderName::from_static(headers::COMMIT);
+    pub const PREV: HeaderName = HeaderName::from_static(headers::PREV);
+}
+
 /// Where events go: one stream, subjects `<prefix>.<context>.<aggregate>.<partition>.<event_type>`.
 /// Tests give each run its own stream name and prefix so they can share one NATS server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,14 +265,14 @@ static TEMPLATE: LazyLock<HeaderMap> = LazyLock::new(|| {
 
 /// The header names, in the order of [`envelope_headers`]'s values.
 const NAMES: [HeaderName; 8] = [
-    HeaderName::from_static(headers::MSG_ID),
-    HeaderName::from_static(headers::EVENT_ID),
-    HeaderName::from_static(headers::EVENT_TYPE),
-    HeaderName::from_static(headers::STREAM_ID),
-    HeaderName::from_static(headers::STREAM_VERSION),
-    HeaderName::from_static(headers::TENANT_ID),
-    HeaderName::from_static(headers::COMMIT),
-    HeaderName::from_static(headers::PREV),
+    header_names::MSG_ID,
+    header_names::EVENT_ID,
+    header_names::EVENT_TYPE,
+    header_names::STREAM_ID,
+    header_names::STREAM_VERSION,
+    header_names::TENANT_ID,
+    header_names::COMMIT,
+    header_names::PREV,
 ];
 
 /// The headers of an event message. Each value is built as the `String` the header map keeps,
@@ -342,7 +358,7 @@ pub fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Delivered, 
 /// the partition's first event. An error when the header is missing or malformed.
 pub fn prev_of(headers: Option<&HeaderMap>) -> Result<Option<Position>, String> {
     match headers
-        .and_then(|h| h.get(headers::PREV))
+        .and_then(|h| h.get(header_names::PREV))
         .map(|v| v.as_str())
     {
         None => Err("missing Nura-Prev header".into()),

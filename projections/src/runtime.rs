@@ -387,10 +387,11 @@ impl PartitionWorker {
         }
         let pending = msgs.last().and_then(|m| m.info().ok()).map(|i| i.pending);
         let shared = &self.shared;
+        let chain = Chain::of(shared.partition, &msgs);
         let results = futures::future::join_all(
             self.projectors
                 .iter_mut()
-                .map(|p| p.apply(shared, &msgs, pending)),
+                .map(|p| p.apply(shared, &msgs, chain.as_ref(), pending)),
         )
         .await;
         let mut outcome = BatchOutcome {
@@ -657,10 +658,11 @@ impl Projector {
         &mut self,
         shared: &Shared,
         msgs: &[jetstream::Message],
+        chain: Option<&Chain<'_>>,
         pending: Option<u64>,
     ) -> Result<Applied, WorkerError> {
         let started = Instant::now();
-        let result = self.apply_by_path(shared, msgs).await;
+        let result = self.apply_by_path(shared, msgs, chain).await;
         let name = self.projection.name();
         tracing::debug!(
             projector = name, partition = shared.partition, messages = msgs.len(),
@@ -690,14 +692,15 @@ impl Projector {
         &mut self,
         shared: &Shared,
         msgs: &[jetstream::Message],
+        chain: Option<&Chain<'_>>,
     ) -> Result<(&'static str, Applied), WorkerError> {
-        let foreign = self.pass_foreign_batch(shared, msgs).await?;
+        let foreign = self.pass_foreign_batch(shared, chain).await?;
         if let Some(a) = foreign {
             return Ok(("foreign", a));
         }
         // Every other path reads the checkpoint from the table.
         self.write_foreign_progress(shared).await?;
-        if let Some(a) = self.apply_gated(shared, msgs).await? {
+        if let Some(a) = self.apply_gated(shared, msgs, chain).await? {
             return Ok(("gated", a));
         }
         self.apply_in_transaction(shared, &incoming(shared, msgs))
@@ -721,41 +724,6 @@ impl Projector {
             .map(|a| ("careful", a)))
     }
 
-    /// The `Nura-Prev` chain of a batch read from its headers alone: `(from, to)` when every
-    /// message is of this partition, each one's `Nura-Prev` is the previous one's position
-    /// (`from` is the first one's, `to` the last one's position) and `accept` takes each
-    /// message's stream. `None` otherwise.
-    fn chain(
-        &self,
-        shared: &Shared,
-        msgs: &[jetstream::Message],
-        mut accept: impl FnMut(&str) -> bool,
-    ) -> Option<(Position, Position)> {
-        let (mut from, mut last): (Option<Position>, Option<Position>) = (None, None);
-        for m in msgs {
-            let header = |name: &str| m.headers.as_ref()?.get(name).map(|v| v.as_str());
-            if !accept(header(nura_nats::headers::STREAM_ID)?) {
-                return None;
-            }
-            let commit = header(nura_nats::headers::COMMIT)?
-                .parse::<nura_store::CommitToken>()
-                .ok()?;
-            let prev = nura_nats::prev_of(m.headers.as_ref())
-                .ok()?
-                .unwrap_or(Position::ZERO);
-            if commit.partition != shared.partition {
-                return None;
-            }
-            match last {
-                None => from = Some(prev),
-                Some(l) if l == prev => {}
-                Some(_) => return None,
-            }
-            last = Some(commit.position);
-        }
-        Some((from?, last?))
-    }
-
     /// A batch that continues the checkpoint's chain, as one autocommit statement (rows and
     /// checkpoint together, see [`Gate`]), when the projection has such a form and its gate
     /// passes. `None` sends the batch to the transactional path, which decides every case this
@@ -764,16 +732,20 @@ impl Projector {
         &mut self,
         shared: &Shared,
         msgs: &[jetstream::Message],
+        chain: Option<&Chain<'_>>,
     ) -> Result<Option<Applied>, WorkerError> {
-        let mut streams: Vec<String> = Vec::with_capacity(msgs.len());
-        let Some((from, to)) = self.chain(shared, msgs, |s| {
-            streams.push(s.to_owned());
-            true
-        }) else {
+        let Some(&Chain {
+            from,
+            to,
+            ref streams,
+        }) = chain
+        else {
             return Ok(None);
         };
+        let mut streams = streams.clone();
         streams.sort_unstable();
         streams.dedup();
+        let streams = streams.into_iter().map(str::to_owned).collect();
         let mut events = Vec::with_capacity(msgs.len());
         for m in msgs {
             match nura_nats::decode(m.headers.as_ref(), &m.payload) {
@@ -834,13 +806,19 @@ impl Projector {
     async fn pass_foreign_batch(
         &mut self,
         shared: &Shared,
-        msgs: &[jetstream::Message],
+        chain: Option<&Chain<'_>>,
     ) -> Result<Option<Applied>, WorkerError> {
-        let Some((from, to)) =
-            self.chain(shared, msgs, |stream| !self.projection.reads_stream(stream))
+        let Some(&Chain {
+            from,
+            to,
+            ref streams,
+        }) = chain
         else {
             return Ok(None);
         };
+        if streams.iter().any(|s| self.projection.reads_stream(s)) {
+            return Ok(None);
+        }
         let current = self.unwritten.map(|(p, _)| p).or(self.written);
         if current == Some(from) {
             let since = self.unwritten.map_or_else(Instant::now, |(_, since)| since);
@@ -856,8 +834,8 @@ impl Projector {
         }
         self.posted(shared, to);
         Ok(Some(Applied::all_acked(BatchOutcome {
-            fetched: msgs.len(),
-            applied: msgs.len(),
+            fetched: streams.len(),
+            applied: streams.len(),
             ..Default::default()
         })))
     }
@@ -1093,6 +1071,54 @@ impl Projector {
             );
         }
         Ok(Some(events))
+    }
+}
+
+/// The `Nura-Prev` chain of a delivered batch, read from its headers alone, once for every
+/// projection of the worker: every message is of this partition and each one's `Nura-Prev` is the
+/// previous one's position.
+struct Chain<'m> {
+    /// The first message's `Nura-Prev`: the batch continues a checkpoint that is here.
+    from: Position,
+    /// The last message's position.
+    to: Position,
+    /// Each message's stream, in order.
+    streams: Vec<&'m str>,
+}
+
+impl<'m> Chain<'m> {
+    /// `None` when a message lacks one of the headers, is of another partition or does not
+    /// continue the message before it (or there are none).
+    fn of(partition: i32, msgs: &'m [jetstream::Message]) -> Option<Chain<'m>> {
+        use nura_nats::header_names;
+        let mut streams = Vec::with_capacity(msgs.len());
+        let (mut from, mut last): (Option<Position>, Option<Position>) = (None, None);
+        for m in msgs {
+            let headers = m.headers.as_ref()?;
+            streams.push(headers.get(header_names::STREAM_ID)?.as_str());
+            let commit = headers
+                .get(header_names::COMMIT)?
+                .as_str()
+                .parse::<nura_store::CommitToken>()
+                .ok()?;
+            let prev = nura_nats::prev_of(Some(headers))
+                .ok()?
+                .unwrap_or(Position::ZERO);
+            if commit.partition != partition {
+                return None;
+            }
+            match last {
+                None => from = Some(prev),
+                Some(l) if l == prev => {}
+                Some(_) => return None,
+            }
+            last = Some(commit.position);
+        }
+        Some(Chain {
+            from: from?,
+            to: last?,
+            streams,
+        })
     }
 }
 
