@@ -50,6 +50,9 @@ pub struct ProjectorConfig {
     /// Where each committed checkpoint is posted, for read-your-writes waiters in this process
     /// (none).
     pub checkpoint_board: Option<CheckpointBoard>,
+    /// Most events of a hole in the JetStream chain read from Postgres at once (1,000): a hole
+    /// is applied in the transaction of the message that revealed it, a page at a time.
+    pub fill_page: usize,
 }
 
 impl Default for ProjectorConfig {
@@ -62,6 +65,7 @@ impl Default for ProjectorConfig {
             ack_wait: Duration::from_secs(30),
             idle_fetch_wait: Duration::from_secs(1),
             checkpoint_board: None,
+            fill_page: 1000,
         }
     }
 }
@@ -898,6 +902,7 @@ impl Projector {
         careful: bool,
     ) -> Result<Option<Applied>, WorkerError> {
         let name = self.projection.name();
+        let fill_page = i64::try_from(shared.config.fill_page.max(1)).unwrap_or(i64::MAX);
         let mut outcome = BatchOutcome {
             fetched: msgs.len(),
             ..Default::default()
@@ -926,87 +931,118 @@ impl Projector {
                 outcome.skipped += 1;
                 continue;
             }
-            let events = if d.prev.unwrap_or(Position::ZERO) == checkpoint {
-                vec![d.event.clone()]
-            } else {
-                match self.fill_hole(shared, checkpoint, &d.event).await? {
-                    Some(events) => events,
+            let continues = d.prev.unwrap_or(Position::ZERO) == checkpoint;
+            if !continues && !self.in_store(shared, &d.event).await? {
+                // Not an event of our log (another database publishing on our subjects?):
+                // nothing to apply or dead-letter; terminate it so it cannot stall us.
+                tracing::error!(
+                    partition = shared.partition, event_id = %d.event.event_id,
+                    "message names an event that is not in the event store; terminated"
+                );
+                terminate[i] = true;
+                outcome.undecodable += 1;
+                continue;
+            }
+            let attempts = msg.attempts;
+            // The message's event alone, or the hole before it and the event, read from Postgres
+            // a page at a time after the checkpoint as it moves (a hole of any size never sits in
+            // memory at once).
+            let mut own = continues.then(|| d.event.clone());
+            let (hole_from, mut filled) = (checkpoint, 0);
+            loop {
+                let (events, last_page) = match own.take() {
+                    Some(event) => (vec![event], true),
                     None => {
-                        // Not an event of our log (another database publishing on our subjects?):
-                        // nothing to apply or dead-letter; terminate it so it cannot stall us.
-                        tracing::error!(
-                            partition = shared.partition, event_id = %d.event.event_id,
-                            "message names an event that is not in the event store; terminated"
-                        );
-                        terminate[i] = true;
-                        outcome.undecodable += 1;
+                        let page = shared
+                            .store
+                            .read_partition(shared.partition, checkpoint, position, fill_page)
+                            .await?;
+                        let last_page = page.len() < fill_page as usize
+                            || page.last().map(|e| e.event_id) == Some(d.event.event_id);
+                        let hole = page
+                            .iter()
+                            .filter(|e| e.event_id != d.event.event_id)
+                            .count();
+                        outcome.holes_filled += hole;
+                        filled += hole;
+                        (page, last_page)
+                    }
+                };
+                for event in events {
+                    if let Some(first) = parked.get(&event.stream_id) {
+                        let why = format!("parked behind dead letter {first}");
+                        dead_letters::record(&mut tx, name, &event, &why, 0).await?;
+                        tracing::warn!(event_id = %event.event_id, stream_id = %event.stream_id, "{why}");
+                        outcome.parked += 1;
+                        checkpoint = event.position();
                         continue;
                     }
-                }
-            };
-            outcome.holes_filled += events.len() - 1;
-            let attempts = msg.attempts;
-            for event in events {
-                if let Some(first) = parked.get(&event.stream_id) {
-                    let why = format!("parked behind dead letter {first}");
-                    dead_letters::record(&mut tx, name, &event, &why, 0).await?;
-                    tracing::warn!(event_id = %event.event_id, stream_id = %event.stream_id, "{why}");
-                    outcome.parked += 1;
-                    checkpoint = event.position();
-                    continue;
-                }
-                if !careful {
-                    outcome.applied += 1;
-                    checkpoint = event.position();
-                    pending.push(event);
-                    continue;
-                }
-                sqlx::query("SAVEPOINT apply").execute(&mut *tx).await?;
-                match self.projection.apply(&mut tx, &event).await {
-                    Ok(()) => {
-                        sqlx::query("RELEASE SAVEPOINT apply")
-                            .execute(&mut *tx)
-                            .await?;
+                    if !careful {
                         outcome.applied += 1;
                         checkpoint = event.position();
+                        pending.push(event);
+                        continue;
                     }
-                    Err(e) => {
-                        sqlx::query("ROLLBACK TO SAVEPOINT apply")
-                            .execute(&mut *tx)
-                            .await?;
-                        if attempts < i64::from(shared.config.max_attempts) {
-                            let delay = shared.config.backoff(attempts as u32);
-                            tracing::warn!(
-                                projector = name, event_id = %event.event_id, attempts,
-                                error = %e, retry_in = ?delay, "apply failed; will retry"
-                            );
-                            stop = Some((i, delay));
-                            break 'messages;
-                        }
-                        let error = e.to_string();
-                        let id =
-                            dead_letters::record(&mut tx, name, &event, &error, attempts as i32)
+                    sqlx::query("SAVEPOINT apply").execute(&mut *tx).await?;
+                    match self.projection.apply(&mut tx, &event).await {
+                        Ok(()) => {
+                            sqlx::query("RELEASE SAVEPOINT apply")
+                                .execute(&mut *tx)
                                 .await?;
-                        tracing::error!(
-                            projector = name, dead_letter = id, event_id = %event.event_id,
-                            stream_id = %event.stream_id, attempts, %error,
-                            "event dead-lettered after its attempts; its stream is parked"
-                        );
-                        metrics::counter!("nura_projector_dead_letters_total", "projector" => name)
+                            outcome.applied += 1;
+                            checkpoint = event.position();
+                        }
+                        Err(e) => {
+                            sqlx::query("ROLLBACK TO SAVEPOINT apply")
+                                .execute(&mut *tx)
+                                .await?;
+                            if attempts < i64::from(shared.config.max_attempts) {
+                                let delay = shared.config.backoff(attempts as u32);
+                                tracing::warn!(
+                                    projector = name, event_id = %event.event_id, attempts,
+                                    error = %e, retry_in = ?delay, "apply failed; will retry"
+                                );
+                                stop = Some((i, delay));
+                                break 'messages;
+                            }
+                            let error = e.to_string();
+                            let id = dead_letters::record(
+                                &mut tx,
+                                name,
+                                &event,
+                                &error,
+                                attempts as i32,
+                            )
+                            .await?;
+                            tracing::error!(
+                                projector = name, dead_letter = id, event_id = %event.event_id,
+                                stream_id = %event.stream_id, attempts, %error,
+                                "event dead-lettered after its attempts; its stream is parked"
+                            );
+                            metrics::counter!("nura_projector_dead_letters_total", "projector" => name)
                             .increment(1);
-                        parked.insert(event.stream_id.clone(), id);
-                        outcome.dead_lettered += 1;
-                        checkpoint = event.position();
+                            parked.insert(event.stream_id.clone(), id);
+                            outcome.dead_lettered += 1;
+                            checkpoint = event.position();
+                        }
                     }
                 }
+                if last_page {
+                    break;
+                }
+                // The fast path applies what it gathered before the next page is read.
+                if !careful && !self.apply_pending(shared, &mut tx, &mut pending).await {
+                    return Ok(None);
+                }
+            }
+            if filled > 0 {
+                tracing::info!(
+                    projector = name, partition = shared.partition, from = %hole_from,
+                    to = %position, filled, "filled a hole in the JetStream chain from Postgres"
+                );
             }
         }
-        if let Err(e) = self.projection.apply_batch(&mut tx, &pending).await {
-            // The transaction is dropped (rolled back); the caller retries carefully.
-            tracing::debug!(
-                projector = name, partition = shared.partition, error = %e,
-                "batch refused; applying it event by event"
-            );
+        if !self.apply_pending(shared, &mut tx, &mut pending).await {
             return Ok(None);
         }
         if checkpoint != start {
@@ -1037,6 +1073,26 @@ impl Projector {
         Ok(Some(Applied { outcome, answers }))
     }
 
+    /// Applies the events the fast path gathered and empties `pending`; false when the
+    /// projection refuses them: the caller drops the transaction (rolling it back) and the batch
+    /// is retried carefully.
+    async fn apply_pending(
+        &self,
+        shared: &Shared,
+        tx: &mut PgConnection,
+        pending: &mut Vec<RecordedEvent>,
+    ) -> bool {
+        if let Err(e) = self.projection.apply_batch(tx, pending).await {
+            tracing::debug!(
+                projector = self.projection.name(), partition = shared.partition, error = %e,
+                "batch refused; applying it event by event"
+            );
+            return false;
+        }
+        pending.clear();
+        true
+    }
+
     /// Posts a committed checkpoint to the process's board, if there is one.
     fn posted(&self, shared: &Shared, checkpoint: Position) {
         if let Some(board) = &shared.config.checkpoint_board {
@@ -1044,33 +1100,14 @@ impl Projector {
         }
     }
 
-    /// Loads the partition's events in `(checkpoint, event]` from Postgres: JetStream lost or
-    /// reordered the ones between. `event` was published by a log reader, so everything before
-    /// it in the partition is committed and final. `None` when `event` is not in the store.
-    async fn fill_hole(
-        &self,
-        shared: &Shared,
-        checkpoint: Position,
-        event: &RecordedEvent,
-    ) -> Result<Option<Vec<RecordedEvent>>, WorkerError> {
-        let events = shared
-            .store
-            .read_partition(shared.partition, checkpoint, event.position())
-            .await?;
-        if events.last().map(|e| e.event_id) != Some(event.event_id) {
-            return Ok(None);
-        }
-        if events.len() > 1 {
-            tracing::info!(
-                projector = self.projection.name(),
-                partition = shared.partition,
-                from = %checkpoint,
-                to = %event.position(),
-                filled = events.len() - 1,
-                "filled a hole in the JetStream chain from Postgres"
-            );
-        }
-        Ok(Some(events))
+    /// Whether `event` is in the event store, of this partition and at its position: then
+    /// everything before it in the partition is committed and final (a log reader published it),
+    /// and a hole before it can be filled from Postgres.
+    async fn in_store(&self, shared: &Shared, event: &RecordedEvent) -> Result<bool, WorkerError> {
+        let stored = shared.store.events_by_id(&[event.event_id]).await?;
+        Ok(stored
+            .first()
+            .is_some_and(|e| e.partition == shared.partition && e.position() == event.position()))
     }
 }
 

@@ -189,3 +189,47 @@ async fn garbage_and_foreign_messages_are_terminated_without_stalling_the_partit
     .expect("test timed out");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hole_longer_than_a_page_is_filled_page_by_page() {
+    let env = Env::new().await;
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let counts = append_traffic(&env.store, 20, 400, "acme").await;
+        let total = total_events(&env.store).await as usize;
+        let mut publisher = Publisher::new(&env);
+        let published = publisher.publish_new(&env.store).await;
+        assert_eq!(published.len(), total);
+        // JetStream loses the first 300 messages: each partition's first delivered message
+        // reveals a hole of dozens of events, many times the page below.
+        let stream = env
+            .js
+            .get_stream(&env.topology.stream)
+            .await
+            .expect("stream");
+        let lost = 300;
+        for seq in 1..=lost {
+            assert!(stream.delete_message(seq).await.expect("delete"));
+        }
+        let config = nura_projections::ProjectorConfig {
+            fill_page: 5,
+            ..test_config()
+        };
+        let running = spawn_workers(env.workers(&config));
+        wait_caught_up(
+            &env.store,
+            &partition_heads(&env.store).await,
+            Duration::from_secs(30),
+        )
+        .await;
+        let (_, outcome) = running.stop().await;
+        assert_eq!(outcome.applied, total, "every event applied exactly once");
+        assert_eq!(
+            outcome.holes_filled, lost as usize,
+            "each lost message refilled once"
+        );
+        assert_equals_fold(&env.store, &counts).await;
+    })
+    .await
+    .expect("test timed out");
+    env.cleanup().await;
+}

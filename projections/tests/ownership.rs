@@ -53,6 +53,7 @@ async fn a_stale_owner_that_commits_after_the_new_owner_applies_nothing_twice() 
                     tx: i64::MAX,
                     pos: i64::MAX,
                 },
+                i64::MAX,
             )
             .await
             .expect("partition");

@@ -358,20 +358,21 @@ impl EventStore {
             .await?)
     }
 
-    /// Reads one partition's events in `(after, up_to]`, in commit order. Used to fill a hole
-    /// when JetStream lost messages: `up_to` must be a position a log reader has already seen,
-    /// so everything below it is final.
+    /// Reads the first `limit` of one partition's events in `(after, up_to]`, in commit order.
+    /// Used to fill a hole when JetStream lost messages: `up_to` must be a position a log reader
+    /// has already seen, so everything below it is final.
     pub async fn read_partition(
         &self,
         partition: i32,
         after: Position,
         up_to: Position,
+        limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM es.events e WHERE e.partition = $1 \
                AND (e.transaction_id, e.global_position) > ($2::bigint::text::xid8, $3) \
                AND (e.transaction_id, e.global_position) <= ($4::bigint::text::xid8, $5) \
-             ORDER BY e.transaction_id, e.global_position"
+             ORDER BY e.transaction_id, e.global_position LIMIT $6"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(partition)
@@ -379,6 +380,7 @@ impl EventStore {
             .bind(after.pos)
             .bind(up_to.tx)
             .bind(up_to.pos)
+            .bind(limit)
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(decode_event).collect()

@@ -96,6 +96,7 @@ pub fn test_config() -> ProjectorConfig {
         ack_wait: Duration::from_secs(2),
         idle_fetch_wait: Duration::from_millis(200),
         checkpoint_board: None,
+        fill_page: 1000,
     }
 }
 
