@@ -33,7 +33,7 @@ const FOREIGN_WRITE_EVERY: Duration = Duration::from_millis(100);
 /// Tuning of a projector. `Default` gives production values.
 #[derive(Debug, Clone)]
 pub struct ProjectorConfig {
-    /// Most messages fetched and applied in one transaction (256). A new consumer may have four
+    /// Most messages fetched and applied in one transaction (512). A new consumer may have four
     /// batches unacknowledged (`max_ack_pending`), room for the batch being applied and the one
     /// prefetched meanwhile.
     pub batch_size: usize,
@@ -58,7 +58,7 @@ pub struct ProjectorConfig {
 impl Default for ProjectorConfig {
     fn default() -> Self {
         ProjectorConfig {
-            batch_size: 256,
+            batch_size: 512,
             max_attempts: 5,
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
