@@ -738,15 +738,10 @@ impl Projector {
         msgs: &[jetstream::Message],
         chain: Option<&Chain<'_>>,
     ) -> Result<Option<Applied>, WorkerError> {
-        let Some(&Chain {
-            from,
-            to,
-            ref streams,
-        }) = chain
-        else {
+        let Some(chain) = chain else {
             return Ok(None);
         };
-        let mut streams = streams.clone();
+        let mut streams = chain.streams.clone();
         streams.sort_unstable();
         streams.dedup();
         let streams = streams.into_iter().map(str::to_owned).collect();
@@ -760,8 +755,8 @@ impl Projector {
         let gate = Gate {
             projector: self.projection.name(),
             partition: shared.partition,
-            from,
-            to,
+            from: chain.from,
+            to: chain.to,
             streams,
         };
         let mut conn = shared.store.pool().acquire().await?;
@@ -781,8 +776,8 @@ impl Projector {
             }
         }
         drop(conn);
-        self.written = Some(to);
-        self.posted(shared, to);
+        self.written = Some(chain.to);
+        self.posted(shared, chain.to);
         Ok(Some(Applied::all_acked(BatchOutcome {
             fetched: msgs.len(),
             applied: msgs.len(),
